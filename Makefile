@@ -1,0 +1,56 @@
+# exl2rs — `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export EXL2RS_CACHE ?= $(HOME)/.cache/exl2rs
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: setup deps build fixtures demo test test-rust test-py lint bench cuda-check clean
+
+setup: build fixtures
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e . --no-build-isolation --no-deps 2>/dev/null || true
+	$(PIP) install -q "numpy>=1.26" "torch>=2.4" "safetensors>=0.4" "transformers>=4.46" "tqdm>=4.66" \
+		"gguf>=0.10" "accelerate>=1.0" "matplotlib>=3.8" "pyarrow>=15" \
+		"pytest>=8" "hypothesis>=6" "ruff>=0.6" "mypy>=1.11" "maturin>=1.8,<2.0"
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+build: deps
+	$(VENV)/bin/maturin develop --release -q
+
+fixtures: build
+	$(PY) -m exl2rs.fixtures
+
+demo: setup
+	$(PY) -m exl2rs.demo
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy python/exl2rs
+
+test-rust:
+	cargo test --workspace --release
+
+test-py: setup
+	$(VENV)/bin/pytest -q tests
+
+test: lint test-rust test-py
+
+bench: setup
+	cargo run --release -p exl2rs-bench -- alloc --model all
+	cargo run --release -p exl2rs-bench -- pack
+	$(PY) benches/bench_allocate.py
+	$(PY) benches/bench_pack.py
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+"""Type stubs of the Rust extension module exl2rs._core."""
+
+__version__: str

@@ -1,0 +1,3 @@
+//! The allocation problem and its solvers. (Owned by the allocator work.)
+mod problem;
+pub use problem::*;
