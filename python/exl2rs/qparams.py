@@ -81,13 +81,13 @@ def candidates(linear: str) -> list[QParams]:
 def attn_table() -> list[dict[str, QParams]]:
     """EXL2's 19 joint attention rows, keyed q_proj, k_proj, v_proj, o_proj."""
     rows = _core.qparams_attn_table()
-    return [dict(zip(ATTN_KINDS, (QParams._from_tuple(t) for t in r))) for r in rows]
+    return [dict(zip(ATTN_KINDS, (QParams._from_tuple(t) for t in r), strict=True)) for r in rows]
 
 
 def mlp_table() -> list[dict[str, QParams]]:
     """EXL2's 17 joint MLP rows, keyed gate_proj, up_proj, down_proj."""
     rows = _core.qparams_mlp_table()
-    return [dict(zip(MLP_KINDS, (QParams._from_tuple(t) for t in r))) for r in rows]
+    return [dict(zip(MLP_KINDS, (QParams._from_tuple(t) for t in r), strict=True)) for r in rows]
 
 
 def head_config(bits: int) -> QParams:
