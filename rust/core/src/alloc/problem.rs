@@ -6,7 +6,11 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum AllocError {
     #[error("infeasible target {target}: feasible range is {min} to {max}")]
-    Infeasible { target: String, min: String, max: String },
+    Infeasible {
+        target: String,
+        min: String,
+        max: String,
+    },
     #[error("invalid problem: {0}")]
     InvalidProblem(String),
 }
