@@ -396,7 +396,7 @@ fn other_structural_errors() {
 
     let mut v = sample_value();
     v["configs"][0]["bits"] = json!([2, 3]);
-    assert_contains(&err_of(&v).1, &["configs[0]", "not strictly descending"]);
+    assert_contains(&err_of(&v).1, &["configs[0]", "strictly descending"]);
 
     let mut v = sample_value();
     v["linears"][0]["layer"] = json!(1);

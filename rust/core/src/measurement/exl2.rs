@@ -14,9 +14,10 @@
 //! them exactly: a wrong shape is caught, never silently used as a bpw denominator.
 use super::error::{MeasurementError, Result};
 use super::io;
+use super::io::kind_of;
 use super::native::{NativeMeasurement, STRING_SOURCE};
-use super::qconfig::{kind_of, QParams};
 use crate::alloc::{Item, Opt, Problem};
+use crate::qparams::QParams;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,7 +40,7 @@ impl Exl2Row {
         m.insert("accuracy".into(), json!(self.accuracy));
         m.insert("total_bits".into(), json!(self.total_bits));
         for (k, q) in &self.linears {
-            m.insert(k.clone(), q.to_exl2_dict());
+            m.insert(k.clone(), q.to_exllamav2_json());
         }
         Value::Object(m)
     }
@@ -292,7 +293,10 @@ impl Exl2Measurement {
             }
             let mut options = Vec::with_capacity(m.rows.len());
             for (r, row) in m.rows.iter().enumerate() {
-                let expected = shape.row_bits(row);
+                let expected = shape.row_bits(row).map_err(|e| MeasurementError::Convert {
+                    context: format!("module {name:?} row {r}"),
+                    message: e,
+                })?;
                 if expected != row.total_bits {
                     return Err(MeasurementError::Convert {
                         context: format!("module {name:?} row {r}"),
@@ -441,8 +445,9 @@ fn parse_rows(rows: &[Value], source: &str, key: &str) -> Result<Vec<Exl2Row>> {
             if k == "accuracy" || k == "total_bits" {
                 continue;
             }
-            let q =
-                QParams::from_exl2_dict(v).map_err(|e| invalid(format!("{at} linear {k:?}"), e))?;
+            let q = QParams::from_exllamav2_json(v)
+                .and_then(|q| q.validate().map(|()| q))
+                .map_err(|e| invalid(format!("{at} linear {k:?}"), e.to_string()))?;
             linears.insert(k.clone(), q);
         }
         if linears.is_empty() {
@@ -499,15 +504,21 @@ impl LinearShape {
             .saturating_mul(self.count)
     }
 
-    pub fn bits(&self, q: &QParams) -> u64 {
-        let bias = if self.bias {
-            self.out_features.saturating_mul(16)
-        } else {
-            0
-        };
-        q.total_bits(self.in_features, self.out_features)
-            .saturating_add(bias)
-            .saturating_mul(self.count)
+    /// Bits as exllamav2 counts them: the config's exact cost, plus 16 per output for a bias,
+    /// times `count`.
+    pub fn bits(&self, q: &QParams) -> Result<u64, String> {
+        let max = super::native::MAX_DIM;
+        if self.in_features > max || self.out_features > max {
+            return Err(format!(
+                "shape {}x{} exceeds {max} per dimension",
+                self.in_features, self.out_features
+            ));
+        }
+        let bias = if self.bias { self.out_features * 16 } else { 0 };
+        let one = q
+            .total_bits(self.in_features as usize, self.out_features as usize)
+            .map_err(|e| e.to_string())?;
+        Ok((one + bias).saturating_mul(self.count))
     }
 }
 
@@ -521,11 +532,15 @@ pub struct ModuleShape {
 }
 
 impl ModuleShape {
-    fn row_bits(&self, row: &Exl2Row) -> u64 {
-        row.linears
-            .iter()
-            .map(|(k, q)| self.linears.get(k).map_or(0, |s| s.bits(q)))
-            .sum()
+    fn row_bits(&self, row: &Exl2Row) -> Result<u64, String> {
+        let mut total = 0u64;
+        for (k, q) in &row.linears {
+            if let Some(s) = self.linears.get(k) {
+                let b = s.bits(q).map_err(|e| format!("linear {k:?}: {e}"))?;
+                total = total.saturating_add(b);
+            }
+        }
+        Ok(total)
     }
 
     fn describe(&self) -> String {
@@ -669,7 +684,7 @@ impl Strategy {
             }
             m.insert("total_bits".into(), json!(e.total_bits));
             for (kind, q) in &e.linears {
-                m.insert(kind.clone(), q.to_exl2_dict());
+                m.insert(kind.clone(), q.to_exllamav2_json());
             }
             out.insert(k.clone(), Value::Object(m));
         }

@@ -4,7 +4,7 @@
 //! not depend on key order or whitespace, nor on serde_json's `preserve_order` feature.
 use super::error::{MeasurementError, Result};
 use super::io;
-use super::qconfig::QParams;
+use crate::qparams::QParams;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::fs::File;

@@ -13,7 +13,6 @@ mod io;
 pub mod job;
 pub mod native;
 pub mod problem;
-mod qconfig;
 
 pub use error::{MeasurementError, Result};
 pub use exl2::{
@@ -26,4 +25,3 @@ pub use native::{
     ModuleRow, NativeMeasurement, FORMAT_TAG, FORMAT_VERSION,
 };
 pub use problem::{ErrorScale, LinearProblemOptions};
-pub use qconfig::QParams;

@@ -3,7 +3,8 @@
 //! Validated on load and before save.
 use super::error::{MeasurementError, Result};
 use super::io;
-use super::qconfig::{kind_of, QParams};
+use super::io::kind_of;
+use crate::qparams::QParams;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -263,10 +264,10 @@ impl NativeMeasurement {
     fn validate_configs(&self, source: &str) -> Result<()> {
         let mut seen: Vec<&QParams> = Vec::with_capacity(self.configs.len());
         for (i, c) in self.configs.iter().enumerate() {
-            c.validate().map_err(|message| MeasurementError::Invalid {
+            c.validate().map_err(|e| MeasurementError::Invalid {
                 file: source.into(),
                 at: format!("configs[{i}]"),
-                message,
+                message: e.to_string(),
             })?;
             if let Some(j) = seen.iter().position(|s| *s == c) {
                 return Err(MeasurementError::Invalid {
@@ -348,7 +349,7 @@ impl NativeMeasurement {
                         ),
                     });
                 }
-                let expected = c.total_bits(l.in_features, l.out_features);
+                let expected = cost(c, o.config, l.in_features, l.out_features, source, &at)?;
                 if o.bits != expected {
                     return Err(MeasurementError::BitsMismatch {
                         file: source.into(),
@@ -434,7 +435,7 @@ impl NativeMeasurement {
                         });
                     };
                     let l = &self.linears[li];
-                    expected_bits += c.total_bits(l.in_features, l.out_features);
+                    expected_bits += cost(c, ci, l.in_features, l.out_features, source, &at)?;
                 }
                 if row.total_bits != expected_bits {
                     return Err(MeasurementError::Invalid {
@@ -461,6 +462,16 @@ impl NativeMeasurement {
                 count: self.configs.len(),
             })
     }
+}
+
+/// Exact bits of config `index` on an `in_features` × `out_features` matrix.
+fn cost(c: &QParams, index: u32, rows: u64, cols: u64, source: &str, at: &str) -> Result<u64> {
+    c.total_bits(rows as usize, cols as usize)
+        .map_err(|e| MeasurementError::Invalid {
+            file: source.into(),
+            at: at.into(),
+            message: format!("config {index} cannot be applied to a {rows}x{cols} matrix: {e}"),
+        })
 }
 
 fn bad(
