@@ -21,7 +21,7 @@ from exl2rs.qparams import QParams
 
 SolverName = Literal["exact", "greedy", "lagrangian", "anneal", "minimax"]
 ObjectiveName = Literal["sum", "weighted", "norm", "minimax"]
-SOLVERS: tuple[str, ...] = ("exact", "greedy", "lagrangian", "anneal", "minimax")
+SOLVERS: tuple[SolverName, ...] = ("exact", "greedy", "lagrangian", "anneal", "minimax")
 
 
 @dataclass(frozen=True)
