@@ -230,6 +230,7 @@ impl Exl2Measurement {
                 "has no measured modules; expected at least one list of rows".into(),
             ));
         }
+        null_keys.sort();
         modules.sort_by(|a, b| {
             let ka = (a.layer.is_none(), a.layer, mode_rank(a.mode()), &a.key);
             let kb = (b.layer.is_none(), b.layer, mode_rank(b.mode()), &b.key);
@@ -778,9 +779,10 @@ impl NativeMeasurement {
         let n = modules.len() as u64;
         Ok(Exl2Measurement {
             modules,
+            // Sorted, as after reading a file.
             null_keys: vec![
-                format!("{prefix}model.norm.norm"),
                 format!("{prefix}lm_head.linear"),
+                format!("{prefix}model.norm.norm"),
             ],
             last_module_idx: n + 2,
         })
