@@ -469,3 +469,28 @@ fn llama3_8b_attention_row_matches_exllamav2_figure() {
     let bpw = p.items[0].options[0].bits as f64 / p.items[0].numel as f64;
     assert!((bpw - 4.044).abs() < 5e-4, "{bpw}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any choice of rows gives a strategy whose bits are the chosen options' bits, which the
+    /// measurement accepts for a job; an out-of-range row is an error, never a panic.
+    #[test]
+    fn any_choice_gives_a_consistent_strategy(choice in proptest::collection::vec(0usize..4, 4)) {
+        let m = sample();
+        let p = m.to_problem(&Exl2Shapes::llama(DIMS, false)).unwrap();
+        match m.strategy(&choice) {
+            Ok(s) => {
+                proptest::prop_assert!(choice.iter().all(|&c| c < 3));
+                m.check_strategy(&s).unwrap();
+                let total: u64 = s.entries.values().map(|e| e.total_bits).sum();
+                let want: u64 = p.items.iter().zip(&choice).map(|(it, &c)| it.options[c].bits).sum();
+                proptest::prop_assert_eq!(total, want);
+            }
+            Err(e) => {
+                proptest::prop_assert!(choice.contains(&3));
+                proptest::prop_assert!(e.to_string().contains("row 3"));
+            }
+        }
+    }
+}
