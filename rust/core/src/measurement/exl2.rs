@@ -10,7 +10,7 @@
 //!
 //! The file carries no matrix shapes. The problem needs each module's weight count, and
 //! guessing it from `total_bits` is ambiguous (one sum, several unknown shapes), so the
-//! caller passes shapes ([`Exl2Shapes`](super::shapes::Exl2Shapes)) and every row's `total_bits` is checked against
+//! caller passes shapes ([`Exl2Shapes`]) and every row's `total_bits` is checked against
 //! them exactly: a wrong shape is caught, never silently used as a bpw denominator.
 use super::error::{MeasurementError, Result};
 use super::io;
