@@ -1,0 +1,376 @@
+//! EXL2's optimiser for parity: simulated annealing of Σ err^norm under the budget, driven in
+//! three stages of 80 runs (norm sweep 1.5–3.5, refine ±0.075 around the norm with the smallest
+//! max error, then 80 runs at that norm keeping the smallest Σ err^norm), then EXL2 0.3.2's
+//! top-up. Unlike EXL2 every run is seeded (deterministic) and the runs of a stage execute in
+//! parallel; results do not depend on the thread count.
+//!
+//! One proposal draws a slot, then an option (uniformly, not a neighbour); an infeasible move is
+//! rejected at once; an improving one is accepted; otherwise a uniform draw U accepts when
+//! U < exp(−Δe/T). [`anneal_reference`] runs the identical protocol in the straightforward way
+//! (nested vectors, `powf` per proposal, sequential runs) and is the bench baseline.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::prepared::Prepared;
+use super::AllocError;
+
+/// EXL2's optimiser constants (`optimize.py`), plus the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnnealParams {
+    pub norm_interval: (f64, f64),
+    pub norm_2ndstage: f64,
+    pub temp_max: f64,
+    pub temp_min: f64,
+    pub cooling_factor: f64,
+    /// Proposals per temperature step.
+    pub iterations: u32,
+    /// Runs per stage (3 stages).
+    pub samples: u32,
+    pub seed: u64,
+}
+
+impl Default for AnnealParams {
+    fn default() -> Self {
+        AnnealParams {
+            norm_interval: (1.5, 3.5),
+            norm_2ndstage: 0.15,
+            temp_max: 2.0,
+            temp_min: 0.0001,
+            cooling_factor: 0.995,
+            iterations: 1000,
+            samples: 80,
+            seed: 0,
+        }
+    }
+}
+
+impl AnnealParams {
+    fn validate(&self) -> Result<(), AllocError> {
+        let ok = self.samples >= 2
+            && self.iterations >= 1
+            && self.temp_max > 0.0
+            && self.temp_min > 0.0
+            && self.temp_min < self.temp_max
+            && self.cooling_factor > 0.0
+            && self.cooling_factor < 1.0
+            && self.norm_interval.0 > 0.0
+            && self.norm_interval.0 <= self.norm_interval.1
+            && self.norm_2ndstage >= 0.0;
+        if ok {
+            Ok(())
+        } else {
+            Err(AllocError::InvalidProblem(format!(
+                "invalid anneal parameters {self:?}: need samples ≥ 2, iterations ≥ 1, \
+                 0 < temp_min < temp_max, 0 < cooling_factor < 1, 0 < norm_interval.0 ≤ .1"
+            )))
+        }
+    }
+
+    /// Temperature steps per run: ⌊ln(T_min/T_max) / ln(cooling)⌋ (1975 by default).
+    pub fn outer_steps(&self) -> u64 {
+        ((self.temp_min / self.temp_max).ln() / self.cooling_factor.ln()) as u64
+    }
+}
+
+/// Outcome of the 240-run driver on slots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnnealResult {
+    /// Option index per slot.
+    pub choice: Vec<u32>,
+    /// The norm selected by stages 1–2.
+    pub norm: f64,
+    /// Σ err^norm of the kept stage-3 run (before top-up).
+    pub energy: f64,
+    pub max_err: f64,
+    pub cost: u64,
+    pub proposals: u64,
+}
+
+/// xoshiro256++ seeded by splitmix64: small, fast, and identical on every platform.
+#[derive(Clone)]
+struct Rng([u64; 4]);
+
+impl Rng {
+    fn new(seed: u64, stream: u64) -> Self {
+        let mut x = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Rng([next(), next(), next(), next()])
+    }
+    #[inline(always)]
+    fn next(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+    /// Uniform index in 0..n (multiply-shift on the high 32 bits).
+    #[inline(always)]
+    fn index(&mut self, n: u32) -> usize {
+        (((self.next() >> 32) * n as u64) >> 32) as usize
+    }
+    #[inline(always)]
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Slots in flat form for the hot loop.
+struct Flat {
+    offset: Vec<u32>,
+    len: Vec<u32>,
+    cost: Vec<u64>,
+    err: Vec<f64>,
+}
+
+impl Flat {
+    fn new(slots: &[Vec<(u64, f64)>]) -> Self {
+        let mut f = Flat { offset: vec![], len: vec![], cost: vec![], err: vec![] };
+        for s in slots {
+            f.offset.push(f.cost.len() as u32);
+            f.len.push(s.len() as u32);
+            for &(c, e) in s {
+                f.cost.push(c);
+                f.err.push(e);
+            }
+        }
+        f
+    }
+}
+
+struct RunOut {
+    choice: Vec<u32>,
+    energy: f64,
+    max_err: f64,
+}
+
+fn score(slots: &[Vec<(u64, f64)>], choice: &[u32], norm: f64) -> (f64, f64) {
+    let mut energy = 0.0;
+    let mut max_err = 0.0f64;
+    for (s, &k) in slots.iter().zip(choice) {
+        let e = s[k as usize].1;
+        energy += e.powf(norm);
+        max_err = max_err.max(e);
+    }
+    (energy, max_err)
+}
+
+/// One optimised SA run. Returns None when cancelled.
+fn run_fast(
+    flat: &Flat,
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+    norm: f64,
+    stream: u64,
+    cancel: &AtomicBool,
+) -> Option<RunOut> {
+    let pw: Vec<f64> = flat.err.iter().map(|e| e.powf(norm)).collect();
+    let n = flat.len.len() as u32;
+    let mut rng = Rng::new(p.seed, stream);
+    // Index of the current option in the flat arrays, per slot.
+    let mut cur: Vec<u32> = flat.offset.clone();
+    let mut cost: u64 = cur.iter().map(|&j| flat.cost[j as usize]).sum();
+    let mut temp = p.temp_max;
+    for _ in 0..p.outer_steps() {
+        if cancel.load(Ordering::Relaxed) {
+            return None;
+        }
+        for _ in 0..p.iterations {
+            let i = rng.index(n);
+            let k = rng.index(flat.len[i]);
+            let j_new = flat.offset[i] as usize + k;
+            let j_old = cur[i] as usize;
+            let new_cost = cost - flat.cost[j_old] + flat.cost[j_new];
+            if new_cost > budget {
+                continue;
+            }
+            let de = pw[j_new] - pw[j_old];
+            if de < 0.0 || rng.unit() < (-de / temp).exp() {
+                cur[i] = j_new as u32;
+                cost = new_cost;
+            }
+        }
+        temp *= p.cooling_factor;
+    }
+    let choice: Vec<u32> = cur.iter().zip(&flat.offset).map(|(&j, &o)| j - o).collect();
+    let (energy, max_err) = score(slots, &choice, norm);
+    Some(RunOut { choice, energy, max_err })
+}
+
+/// The straightforward implementation of one run (the bench baseline).
+fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm: f64, stream: u64) -> RunOut {
+    let mut rng = Rng::new(p.seed, stream);
+    let mut choice = vec![0u32; slots.len()];
+    let mut cost: u64 = slots.iter().map(|s| s[0].0).sum();
+    let steps = ((p.temp_min / p.temp_max).ln() / p.cooling_factor.ln()) as u64;
+    let mut temp = p.temp_max;
+    for _ in 0..steps {
+        for _ in 0..p.iterations {
+            let i = rng.index(slots.len() as u32);
+            let k = rng.index(slots[i].len() as u32);
+            let old = slots[i][choice[i] as usize];
+            let new = slots[i][k];
+            let de = new.1.powf(norm) - old.1.powf(norm);
+            let new_cost = cost - old.0 + new.0;
+            if new_cost <= budget && (de < 0.0 || rng.unit() < (-de / temp).exp()) {
+                choice[i] = k as u32;
+                cost = new_cost;
+            }
+        }
+        temp *= p.cooling_factor;
+    }
+    let (energy, max_err) = score(slots, &choice, norm);
+    RunOut { choice, energy, max_err }
+}
+
+fn stage_norm(p: &AnnealParams, i: u32, best: f64) -> f64 {
+    let s = p.samples;
+    if i < s {
+        let t = i as f64 / (s - 1) as f64;
+        (1.0 - t) * p.norm_interval.0 + t * p.norm_interval.1
+    } else if i < 2 * s {
+        // EXL2's t = i/(samples−1) − 1 (slightly overshoots 1 at the end of the stage).
+        let (a, b) = (best - p.norm_2ndstage / 2.0, best + p.norm_2ndstage / 2.0);
+        let t = i as f64 / (s - 1) as f64 - 1.0;
+        (1.0 - t) * a + t * b
+    } else {
+        best
+    }
+}
+
+/// EXL2 0.3.2's top-up: bump each slot to its next option while the budget allows, until stable.
+fn top_up(slots: &[Vec<(u64, f64)>], budget: u64, choice: &mut [u32]) -> u64 {
+    let mut cost: u64 = slots.iter().zip(choice.iter()).map(|(s, &k)| s[k as usize].0).sum();
+    loop {
+        let mut changed = false;
+        for (s, k) in slots.iter().zip(choice.iter_mut()) {
+            let next = *k as usize + 1;
+            if next < s.len() && cost - s[*k as usize].0 + s[next].0 <= budget {
+                cost = cost - s[*k as usize].0 + s[next].0;
+                *k += 1;
+                changed = true;
+            }
+        }
+        if !changed {
+            return cost;
+        }
+    }
+}
+
+/// The three-stage driver over `run(norm, run_index)`; `parallel` runs each stage with Rayon.
+fn drive(
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+    run: &(dyn Fn(f64, u32) -> Option<RunOut> + Sync),
+    parallel: bool,
+) -> Result<AnnealResult, AllocError> {
+    p.validate()?;
+    let min_cost: u64 = slots.iter().map(|s| s[0].0).sum();
+    if min_cost > budget {
+        return Err(AllocError::InvalidProblem(format!(
+            "anneal starts from every slot's first option ({min_cost} bits), which exceeds the budget of {budget} bits"
+        )));
+    }
+    let s = p.samples;
+    let stage = |range: std::ops::Range<u32>, best: f64| -> Result<Vec<(f64, RunOut)>, AllocError> {
+        let one = |i: u32| {
+            let norm = stage_norm(p, i, best);
+            run(norm, i).map(|r| (norm, r))
+        };
+        let out: Vec<Option<(f64, RunOut)>> = if parallel {
+            range.into_par_iter().map(one).collect()
+        } else {
+            range.map(one).collect()
+        };
+        out.into_iter().map(|r| r.ok_or(AllocError::Cancelled)).collect()
+    };
+    let mut best_max = f64::INFINITY;
+    let mut best_norm = p.norm_interval.0;
+    for (lo, hi) in [(0, s), (s, 2 * s)] {
+        for (norm, r) in stage(lo..hi, best_norm)? {
+            if r.max_err < best_max {
+                best_max = r.max_err;
+                best_norm = norm;
+            }
+        }
+    }
+    let mut kept: Option<RunOut> = None;
+    for (_, r) in stage(2 * s..3 * s, best_norm)? {
+        if kept.as_ref().is_none_or(|k| r.energy < k.energy) {
+            kept = Some(r);
+        }
+    }
+    let kept = kept.expect("at least one run");
+    let mut choice = kept.choice;
+    let cost = top_up(slots, budget, &mut choice);
+    let steps = p.outer_steps() * p.iterations as u64;
+    Ok(AnnealResult {
+        choice,
+        norm: best_norm,
+        energy: kept.energy,
+        max_err: kept.max_err,
+        cost,
+        proposals: steps * 3 * s as u64,
+    })
+}
+
+fn check_slots(slots: &[Vec<(u64, f64)>]) -> Result<(), AllocError> {
+    if slots.is_empty() || slots.iter().any(|s| s.is_empty()) {
+        return Err(AllocError::InvalidProblem("anneal needs ≥ 1 slot, each with ≥ 1 option".into()));
+    }
+    Ok(())
+}
+
+/// The optimised, parallel driver on raw slots (options in cost order; option 0 the start).
+pub fn anneal_slots(
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+    cancel: &AtomicBool,
+) -> Result<AnnealResult, AllocError> {
+    check_slots(slots)?;
+    let flat = Flat::new(slots);
+    drive(slots, budget, p, &|norm, i| run_fast(&flat, slots, budget, p, norm, i as u64, cancel), true)
+}
+
+/// The straightforward single-threaded implementation of the same driver and protocol; gives the
+/// same result as [`anneal_slots`]. Kept as the benchmark baseline.
+#[doc(hidden)]
+pub fn anneal_reference(
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+) -> Result<AnnealResult, AllocError> {
+    check_slots(slots)?;
+    drive(slots, budget, p, &|norm, i| Some(run_reference(slots, budget, p, norm, i as u64)), false)
+}
+
+/// EXL2's slots of a prepared problem: every allowed option of each class (no pruning, as in
+/// EXL2), in cost order, with the class's Σ raw member error.
+pub(crate) fn slots_of(p: &Prepared) -> Vec<Vec<(u64, f64)>> {
+    p.classes.iter().map(|c| c.opts.iter().map(|o| (o.cost, o.err_sum)).collect()).collect()
+}
+
+pub(crate) fn anneal(
+    prep: &Prepared,
+    budget: u64,
+    params: &AnnealParams,
+    cancel: &AtomicBool,
+) -> Result<AnnealResult, AllocError> {
+    anneal_slots(&slots_of(prep), budget, params, cancel)
+}

@@ -1,0 +1,264 @@
+//! LSB-first bitstream packing of small integer codes into 32-bit words.
+//!
+//! Both EXL2 (`pack_columns_kernel` in exllamav2) and GPTQ v1 (`QuantLinear.pack`) lay a column
+//! of codes out the same way: value `i` of a run of rows occupies bits `[i·b, i·b + b)` of a
+//! little-endian bitstream made of consecutive words, so 3-, 5- and 6-bit values straddle word
+//! boundaries. A *block* is the smallest run of rows that fills whole words: `32/gcd(b, 32)`
+//! rows in `b/gcd(b, 32)` words (2b: 16 rows → 1 word, 3b: 32 → 3, 4b: 8 → 1, 5b: 32 → 5,
+//! 6b: 16 → 3, 8b: 4 → 1).
+//!
+//! The hot loops walk one code row at a time over a tile of columns, so every inner loop is a
+//! branch-free `dst |= src << const_shift` over contiguous memory that LLVM vectorises; the tile
+//! keeps the block's output words in L1 while its rows stream through.
+use rayon::prelude::*;
+
+use super::{check_len, PackError, Result};
+
+/// Widths EXL2 supports.
+pub const EXL2_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+/// Widths GPTQ v1 supports.
+pub const GPTQ_BITS: [u32; 4] = [2, 3, 4, 8];
+
+/// Columns per tile: `words_per_block · TILE · 4` bytes of output stay in L1/L2.
+const TILE: usize = 2048;
+/// Minimum output words per Rayon task, so small matrices do not pay scheduling overhead.
+const MIN_TASK_WORDS: usize = 1 << 16;
+
+/// Rows in one block of `bits`-bit codes (the smallest run that fills whole words).
+pub const fn rows_per_block(bits: u32) -> usize {
+    (32 / gcd(bits, 32)) as usize
+}
+
+/// Words in one block of `bits`-bit codes.
+pub const fn words_per_block(bits: u32) -> usize {
+    (bits / gcd(bits, 32)) as usize
+}
+
+const fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        let t = a % b;
+        a = b;
+        b = t;
+    }
+    a
+}
+
+pub(crate) fn check_bits(format: &'static str, bits: u32, supported: &[u32]) -> Result<()> {
+    if supported.contains(&bits) {
+        Ok(())
+    } else {
+        Err(PackError::UnsupportedBits {
+            format,
+            bits,
+            supported: if supported.len() == EXL2_BITS.len() {
+                "2, 3, 4, 5, 6, 8"
+            } else {
+                "2, 3, 4, 8"
+            },
+        })
+    }
+}
+
+/// Fails with the first code `>= 2^bits`; `row0` offsets the reported row.
+pub(crate) fn check_codes(
+    tensor: &'static str,
+    codes: &[u8],
+    cols: usize,
+    bits: u32,
+    row0: usize,
+) -> Result<()> {
+    let max = ((1u32 << bits) - 1) as u8;
+    // Cheap vectorised reduction first; locate the culprit only on failure.
+    let worst = codes
+        .par_chunks(1 << 20)
+        .map(|c| c.iter().copied().max().unwrap_or(0))
+        .max();
+    if worst.unwrap_or(0) <= max {
+        return Ok(());
+    }
+    let pos = codes.iter().position(|&c| c > max).unwrap_or(0);
+    Err(PackError::OutOfRange {
+        tensor,
+        row: row0 + pos / cols.max(1),
+        col: pos % cols.max(1),
+        value: i64::from(codes[pos]),
+        expected: format!("a {bits}-bit code in 0..={max}"),
+    })
+}
+
+/// Packs `codes` (`[rows, cols]`, row-major, every value `< 2^bits`) along the rows into
+/// `[rows·bits/32, cols]` words. `rows` must be a multiple of [`rows_per_block`].
+pub fn pack_columns(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>> {
+    check_bits("pack_columns", bits, &EXL2_BITS)?;
+    check_len("codes", codes.len(), &[rows, cols])?;
+    check_block_rows("codes", rows, bits)?;
+    check_codes("codes", codes, cols, bits, 0)?;
+    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
+    pack_columns_into(codes, cols, bits, &mut out);
+    Ok(out)
+}
+
+/// Unpacks `[qrows, cols]` words of `bits`-bit codes into `[qrows·32/bits, cols]` codes.
+/// `qrows` must be a multiple of [`words_per_block`].
+pub fn unpack_columns(packed: &[i32], qrows: usize, cols: usize, bits: u32) -> Result<Vec<u8>> {
+    check_bits("unpack_columns", bits, &EXL2_BITS)?;
+    check_len("packed", packed.len(), &[qrows, cols])?;
+    let wpb = words_per_block(bits);
+    if !qrows.is_multiple_of(wpb) {
+        return Err(PackError::Shape {
+            tensor: "packed",
+            got: vec![qrows, cols],
+            expected: format!("a row count that is a multiple of {wpb} for {bits}-bit codes"),
+        });
+    }
+    let mut out = vec![0u8; qrows * 32 / bits as usize * cols];
+    unpack_columns_into(packed, cols, bits, &mut out);
+    Ok(out)
+}
+
+pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> Result<()> {
+    let rpb = rows_per_block(bits);
+    if rows.is_multiple_of(rpb) {
+        Ok(())
+    } else {
+        Err(PackError::Shape {
+            tensor,
+            got: vec![rows],
+            expected: format!(
+                "a row count that is a multiple of {rpb}: {bits}-bit codes pack {rpb} rows into {} \
+                 words",
+                words_per_block(bits)
+            ),
+        })
+    }
+}
+
+/// Packs validated codes into `out` (`[rows·bits/32, cols]`), in parallel over whole blocks.
+/// Callers guarantee the shapes, `bits` ∈ [`EXL2_BITS`] and the code range.
+pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) {
+    if cols == 0 || codes.is_empty() {
+        return;
+    }
+    let (rpb, wpb) = (rows_per_block(bits), words_per_block(bits));
+    let blocks_per_task = (MIN_TASK_WORDS / (wpb * cols)).max(1);
+    codes
+        .par_chunks(rpb * cols * blocks_per_task)
+        .zip(out.par_chunks_mut(wpb * cols * blocks_per_task))
+        .for_each(|(src, dst)| match bits {
+            2 => pack_seq::<2>(src, cols, dst),
+            3 => pack_seq::<3>(src, cols, dst),
+            4 => pack_seq::<4>(src, cols, dst),
+            5 => pack_seq::<5>(src, cols, dst),
+            6 => pack_seq::<6>(src, cols, dst),
+            8 => pack_seq::<8>(src, cols, dst),
+            _ => unreachable!("bit width validated by the caller"),
+        });
+}
+
+/// Unpacks validated words into `out` (`[qrows·32/bits, cols]`), in parallel over blocks.
+pub fn unpack_columns_into(packed: &[i32], cols: usize, bits: u32, out: &mut [u8]) {
+    if cols == 0 || packed.is_empty() {
+        return;
+    }
+    let (rpb, wpb) = (rows_per_block(bits), words_per_block(bits));
+    let blocks_per_task = (MIN_TASK_WORDS / (wpb * cols)).max(1);
+    packed
+        .par_chunks(wpb * cols * blocks_per_task)
+        .zip(out.par_chunks_mut(rpb * cols * blocks_per_task))
+        .for_each(|(src, dst)| match bits {
+            2 => unpack_seq::<2>(src, cols, dst),
+            3 => unpack_seq::<3>(src, cols, dst),
+            4 => unpack_seq::<4>(src, cols, dst),
+            5 => unpack_seq::<5>(src, cols, dst),
+            6 => unpack_seq::<6>(src, cols, dst),
+            8 => unpack_seq::<8>(src, cols, dst),
+            _ => unreachable!("bit width validated by the caller"),
+        });
+}
+
+/// Sequential packing of whole blocks; `B` is a const so the per-row shifts fold.
+fn pack_seq<const B: usize>(codes: &[u8], cols: usize, out: &mut [i32]) {
+    let rpb = rows_per_block(B as u32);
+    let wpb = words_per_block(B as u32);
+    for (blk_in, blk_out) in codes
+        .chunks_exact(rpb * cols)
+        .zip(out.chunks_exact_mut(wpb * cols))
+    {
+        for c0 in (0..cols).step_by(TILE) {
+            let c1 = (c0 + TILE).min(cols);
+            for w in 0..wpb {
+                blk_out[w * cols + c0..w * cols + c1].fill(0);
+            }
+            for i in 0..rpb {
+                let bit = i * B;
+                let (word, shift) = (bit / 32, (bit % 32) as u32);
+                let src = &blk_in[i * cols + c0..i * cols + c1];
+                let dst = &mut blk_out[word * cols + c0..word * cols + c1];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d |= ((s as u32) << shift) as i32;
+                }
+                if shift as usize + B > 32 {
+                    // The value straddles into the next word: its high bits start that word.
+                    let dst = &mut blk_out[(word + 1) * cols + c0..(word + 1) * cols + c1];
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d |= ((s as u32) >> (32 - shift)) as i32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unpack_seq<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {
+    let rpb = rows_per_block(B as u32);
+    let wpb = words_per_block(B as u32);
+    let mask = (1u32 << B) - 1;
+    for (blk_in, blk_out) in packed
+        .chunks_exact(wpb * cols)
+        .zip(out.chunks_exact_mut(rpb * cols))
+    {
+        for i in 0..rpb {
+            let bit = i * B;
+            let (word, shift) = (bit / 32, (bit % 32) as u32);
+            let dst = &mut blk_out[i * cols..(i + 1) * cols];
+            let lo = &blk_in[word * cols..(word + 1) * cols];
+            if shift as usize + B <= 32 {
+                for (d, &s) in dst.iter_mut().zip(lo) {
+                    *d = (((s as u32) >> shift) & mask) as u8;
+                }
+            } else {
+                let hi = &blk_in[(word + 1) * cols..(word + 2) * cols];
+                for ((d, &s), &t) in dst.iter_mut().zip(lo).zip(hi) {
+                    *d = ((((s as u32) >> shift) | ((t as u32) << (32 - shift))) & mask) as u8;
+                }
+            }
+        }
+    }
+}
+
+/// Packs a short row vector of codes along its own length (GPTQ `qzeros`, EXL2 `q_scale`):
+/// `vals.len()` must be a multiple of the block. Not a hot path.
+pub(crate) fn pack_row(vals: &[u8], bits: u32, out: &mut [i32]) {
+    out.fill(0);
+    for (i, &v) in vals.iter().enumerate() {
+        let bit = i * bits as usize;
+        let (word, shift) = (bit / 32, (bit % 32) as u32);
+        out[word] |= ((v as u32) << shift) as i32;
+        if shift + bits > 32 {
+            out[word + 1] |= ((v as u32) >> (32 - shift)) as i32;
+        }
+    }
+}
+
+pub(crate) fn unpack_row(words: &[i32], bits: u32, out: &mut [u8]) {
+    let mask = (1u64 << bits) - 1;
+    for (i, o) in out.iter_mut().enumerate() {
+        let bit = i * bits as usize;
+        let (word, shift) = (bit / 32, bit % 32);
+        let mut v = u64::from(words[word] as u32) >> shift;
+        if shift + bits as usize > 32 {
+            v |= u64::from(words[word + 1] as u32) << (32 - shift);
+        }
+        *o = (v & mask) as u8;
+    }
+}
