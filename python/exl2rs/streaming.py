@@ -32,8 +32,8 @@ _Context = tuple[Any, Any, torch.Tensor]  # (position_embeddings, attention mask
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     # A sum is much faster than an elementwise test and is NaN/inf whenever any element is;
-    # only then (or on a genuine overflow of the sum) is the exact count computed.
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    # only then (or when a finite sum overflows) is the exact count computed.
+    if bool(torch.isfinite(tensor.sum())):
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:

@@ -1,7 +1,10 @@
 //! exl2rs._core: thin PyO3 bindings over exl2rs-core. Each submodule binds one core module.
 use pyo3::prelude::*;
 
+mod alloc;
+mod cancel;
 mod errors;
+mod measurement;
 mod qparams;
 
 #[pymodule]
@@ -9,5 +12,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     qparams::register(m)?;
+    alloc::register(m)?;
+    measurement::register(m)?;
     Ok(())
 }
