@@ -132,6 +132,12 @@ def test_block_api(tiny_llama_dir: Path) -> None:
         assert linear.weight.dtype == torch.float32
         torch.testing.assert_close(linear.weight, weights[name + ".weight"], rtol=0, atol=0)
     assert all(not p.requires_grad for p in block.parameters())
+    with pytest.raises(ModelError, match="not a decoder linear name"):
+        model.linear(block, "lm_head")
+    with pytest.raises(ModelError, match="no such submodule"):
+        model.linear(block, "model.layers.1.self_attn.x_proj")
+    with pytest.raises(ModelError, match="is LlamaRMSNorm, not nn.Linear"):
+        model.linear(block, "model.layers.1.input_layernorm")
     with pytest.raises(ModelError, match=r"layer index 2 out of range \[0, 2\)"):
         model.load_block(2)
     with pytest.raises(ModelError, match="expected states"):
