@@ -290,3 +290,16 @@ def test_cuda_blocks_with_cpu_states(tiny_llama_dir: Path) -> None:
     torch.testing.assert_close(
         model.logits(ids), StreamingModel(tiny_llama_dir).logits(ids), atol=1e-4, rtol=1e-4
     )
+
+
+def test_half_precision_checkpoint_runs_in_fp32(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(
+        tmp_path
+    )
+    model = StreamingModel(tmp_path)
+    block = model.load_block(0)
+    assert {p.dtype for p in block.parameters()} == {torch.float32}
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.logits(ids), hf_logits(tmp_path, ids), atol=1e-5, rtol=1e-5)
