@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension module exl2rs._core."""
 
 import os
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,7 @@ def qparams_from_exllamav2_json(text: str) -> _QTuple: ...
 
 # alloc
 
+@final
 class Solution:
     choices: list[int]
     cost_bits: int
@@ -46,6 +48,7 @@ class Solution:
     anneal_norm: float | None
     def stats(self) -> dict[str, object]: ...
 
+@final
 class Problem:
     @staticmethod
     def from_arrays(
@@ -107,6 +110,7 @@ class Problem:
     def __len__(self) -> int: ...
 
 # measurement
+@final
 class Measurement:
     @staticmethod
     def load(path: str | os.PathLike[str]) -> Measurement: ...
@@ -138,6 +142,7 @@ class Measurement:
     def linear_strategy_json(self, choices: list[int]) -> str: ...
     def module_strategy_json(self, choices: list[int]) -> str: ...
 
+@final
 class Exl2Measurement:
     @staticmethod
     def load(path: str | os.PathLike[str]) -> Exl2Measurement: ...

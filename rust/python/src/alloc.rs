@@ -383,18 +383,29 @@ impl PyProblem {
     }
 }
 
-#[pyclass(name = "Solution", module = "exl2rs._core", frozen, get_all)]
+#[pyclass(name = "Solution", module = "exl2rs._core", frozen)]
 pub struct PySolution {
+    #[pyo3(get)]
     pub choices: Vec<usize>,
+    #[pyo3(get)]
     pub cost_bits: u64,
+    #[pyo3(get)]
     pub budget_bits: u64,
+    #[pyo3(get)]
     pub bpw: f64,
+    #[pyo3(get)]
     pub objective: f64,
+    #[pyo3(get)]
     pub lower_bound: Option<f64>,
+    #[pyo3(get)]
     pub gap: Option<f64>,
+    #[pyo3(get)]
     pub optimal: bool,
+    #[pyo3(get)]
     pub solver: String,
+    #[pyo3(get)]
     pub time_s: f64,
+    #[pyo3(get)]
     pub anneal_norm: Option<f64>,
     stats_json: String,
 }

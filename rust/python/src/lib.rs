@@ -14,5 +14,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     qparams::register(m)?;
     alloc::register(m)?;
     measurement::register(m)?;
+    // pyo3 keeps an `__all__` of every added name; the typed facade, not this private
+    // module, defines the public surface, so drop it (and keep the stub check simple).
+    m.delattr("__all__")?;
     Ok(())
 }
