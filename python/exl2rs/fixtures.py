@@ -178,6 +178,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         if name != "lm_head.weight"
     }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the cache is shared
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_model_name_or_path", None)
