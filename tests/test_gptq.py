@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,6 +11,15 @@ import torch
 from exl2rs import gptq
 from exl2rs.errors import Exl2Error, HessianError, NonFiniteError
 from exl2rs.qparams import QParams
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Small torch ops stall badly in a 2-thread pool on a shared 2-core machine.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def _calib(k: int, tokens: int, seed: int) -> torch.Tensor:
