@@ -241,6 +241,7 @@ def _write_truncated(source: Path, config: dict[str, Any], n_layers: int, target
                     if layer is None or layer < n_layers:
                         tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)
         config["num_hidden_layers"] = n_layers
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = config["layer_types"][:n_layers]
