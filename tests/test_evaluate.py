@@ -96,3 +96,23 @@ def test_fp32_smollm2_scores_the_reference(smollm2_dir: Path, windows: torch.Ten
     """The evaluator's acceptance test: 23.644 within 0.1% (DESIGN.md, wiki-ho)."""
     ppl = streamed_perplexity(smollm2_dir, windows)
     assert ppl == pytest.approx(REFERENCE_PPL_SMOLLM2_FP32, rel=1e-3)
+
+
+def test_cli_subcommand(tiny_llama_dir: Path, tmp_path: Path, windows: torch.Tensor) -> None:
+    import argparse
+    import json
+
+    from exl2rs import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_llama_dir), "--windows", "2", "--reference", str(tiny_llama_dir)]
+    assert evaluate.run(parser.parse_args([*argv, "--json", str(out)])) == 0
+    result = json.loads(out.read_text())
+    model = StreamingModel(tiny_llama_dir)
+    assert result["windows"] == 2 and result["predicted_tokens"] == 2 * 511
+    assert result["perplexity"] == pytest.approx(streamed_perplexity(model, windows[:2]))
+    assert result["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(Exl2Error, match=r"--windows must be in \[1, 32\]"):
+        evaluate.run(parser.parse_args([str(tiny_llama_dir), "--windows", "33"]))

@@ -11,6 +11,8 @@ batches so memory stays bounded.
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -143,3 +145,50 @@ def streamed_perplexity(
         total += float(nll.double().sum())
         count += nll.numel()
     return math.exp(total / count)
+
+
+# -- CLI subcommand (dispatched by exl2rs.cli) ---------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", type=Path, help="HF model folder, evaluated in fp32 block by block"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="reference HF model folder: also report KL(reference ‖ model)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for the blocks (default cpu)")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=NUM_WINDOWS,
+        help=f"score the first N of the {NUM_WINDOWS} wiki-ho windows (default all)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from exl2rs.fixtures import wiki_text
+
+    if not 1 <= args.windows <= NUM_WINDOWS:
+        raise Exl2Error(f"--windows must be in [1, {NUM_WINDOWS}], got {args.windows}")
+    model = StreamingModel(args.model, args.device)
+    windows = wiki_ho_windows(model.tokenizer, wiki_text())[: args.windows]
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "protocol": "wiki-ho",
+        "windows": int(windows.shape[0]),
+        "predicted_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "perplexity": streamed_perplexity(model, windows),
+    }
+    print(f"wiki-ho perplexity: {result['perplexity']:.4f} ({result['windows']} windows)")
+    if args.reference is not None:
+        reference = StreamingModel(args.reference, args.device)
+        result["reference"] = str(args.reference)
+        result["kl_divergence"] = kl_divergence(reference.logits, model.logits, windows)
+        print(f"KL(reference ‖ model): {result['kl_divergence']:.6f} nats/token")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
