@@ -11,6 +11,7 @@ Sources and licences: ``exl2rs/data/CALIBRATION_LICENSES.md``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -330,8 +331,9 @@ def _chopped_rows(text: str, tokenizer: Any, rows: int, length: int, what: str) 
 
 
 def _c4_text() -> str:
-    # exllamav2 joins the lines (each keeping its newline) with blank lines.
-    return "\n\n".join(_cal_file("c4.utf8").splitlines(keepends=True))
+    # exllamav2 joins the lines (each keeping its newline) with blank lines. StringIO splits
+    # on "\n" only, like file.readlines(); str.splitlines would also split on \x0c, \u2028...
+    return "\n\n".join(io.StringIO(_cal_file("c4.utf8")).readlines())
 
 
 def _shuffled_rows(tokenizer: Any, rows: int, length: int, seed: int, what: str) -> torch.Tensor:
