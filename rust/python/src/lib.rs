@@ -2,6 +2,7 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod pack;
 mod qparams;
 
 #[pymodule]
@@ -9,5 +10,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     qparams::register(m)?;
+    pack::register(m)?;
     Ok(())
 }

@@ -7,9 +7,10 @@
 //! rows in `b/gcd(b, 32)` words (2b: 16 rows → 1 word, 3b: 32 → 3, 4b: 8 → 1, 5b: 32 → 5,
 //! 6b: 16 → 3, 8b: 4 → 1).
 //!
-//! The hot loops walk one code row at a time over a tile of columns, so every inner loop is a
-//! branch-free `dst |= src << const_shift` over contiguous memory that LLVM vectorises; the tile
-//! keeps the block's output words in L1 while its rows stream through.
+//! The hot loops are monomorphised per width, so every shift is a constant: the packer
+//! accumulates a block's words for a tile of columns in registers from contiguous code rows,
+//! the unpacker writes one code row at a time as a branch-free `(lo >> s | hi << t) & mask`
+//! over contiguous words; LLVM vectorises both across columns.
 use rayon::prelude::*;
 
 use super::{check_len, PackError, Result};
@@ -19,8 +20,6 @@ pub const EXL2_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// Widths GPTQ v1 supports.
 pub const GPTQ_BITS: [u32; 4] = [2, 3, 4, 8];
 
-/// Columns per tile: `words_per_block · TILE · 4` bytes of output stay in L1/L2.
-const TILE: usize = 2048;
 /// Minimum output words per Rayon task, so small matrices do not pay scheduling overhead.
 const MIN_TASK_WORDS: usize = 1 << 16;
 
@@ -145,12 +144,12 @@ pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) 
         .par_chunks(rpb * cols * blocks_per_task)
         .zip(out.par_chunks_mut(wpb * cols * blocks_per_task))
         .for_each(|(src, dst)| match bits {
-            2 => pack_seq::<2>(src, cols, dst),
-            3 => pack_seq::<3>(src, cols, dst),
-            4 => pack_seq::<4>(src, cols, dst),
-            5 => pack_seq::<5>(src, cols, dst),
-            6 => pack_seq::<6>(src, cols, dst),
-            8 => pack_seq::<8>(src, cols, dst),
+            2 => pack_seq::<2, 16, 1>(src, cols, dst),
+            3 => pack_seq::<3, 32, 3>(src, cols, dst),
+            4 => pack_seq::<4, 8, 1>(src, cols, dst),
+            5 => pack_seq::<5, 32, 5>(src, cols, dst),
+            6 => pack_seq::<6, 16, 3>(src, cols, dst),
+            8 => pack_seq::<8, 4, 1>(src, cols, dst),
             _ => unreachable!("bit width validated by the caller"),
         });
 }
@@ -176,34 +175,58 @@ pub fn unpack_columns_into(packed: &[i32], cols: usize, bits: u32, out: &mut [u8
         });
 }
 
-/// Sequential packing of whole blocks; `B` is a const so the per-row shifts fold.
-fn pack_seq<const B: usize>(codes: &[u8], cols: usize, out: &mut [i32]) {
-    let rpb = rows_per_block(B as u32);
-    let wpb = words_per_block(B as u32);
+/// Columns per register tile of the packer: `W × LANES` u32 accumulators stay in registers.
+const LANES: usize = 16;
+
+/// Sequential packing of whole blocks. `B` bits, `R` rows → `W` words per block, all const so
+/// every shift folds: for each tile of `LANES` columns the block's words are accumulated in
+/// registers from the `R` code rows (contiguous loads) and stored once.
+fn pack_seq<const B: usize, const R: usize, const W: usize>(
+    codes: &[u8],
+    cols: usize,
+    out: &mut [i32],
+) {
     for (blk_in, blk_out) in codes
-        .chunks_exact(rpb * cols)
-        .zip(out.chunks_exact_mut(wpb * cols))
+        .chunks_exact(R * cols)
+        .zip(out.chunks_exact_mut(W * cols))
     {
-        for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
-            for w in 0..wpb {
-                blk_out[w * cols + c0..w * cols + c1].fill(0);
-            }
-            for i in 0..rpb {
+        let full = cols / LANES * LANES;
+        for c0 in (0..full).step_by(LANES) {
+            let mut acc = [[0u32; LANES]; W];
+            for i in 0..R {
                 let bit = i * B;
-                let (word, shift) = (bit / 32, (bit % 32) as u32);
-                let src = &blk_in[i * cols + c0..i * cols + c1];
-                let dst = &mut blk_out[word * cols + c0..word * cols + c1];
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d |= ((s as u32) << shift) as i32;
-                }
-                if shift as usize + B > 32 {
-                    // The value straddles into the next word: its high bits start that word.
-                    let dst = &mut blk_out[(word + 1) * cols + c0..(word + 1) * cols + c1];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d |= ((s as u32) >> (32 - shift)) as i32;
+                let (word, shift) = (bit / 32, bit % 32);
+                let src: &[u8; LANES] = blk_in[i * cols + c0..i * cols + c0 + LANES]
+                    .try_into()
+                    .expect("tile");
+                for j in 0..LANES {
+                    acc[word][j] |= u32::from(src[j]) << shift;
+                    if shift + B > 32 {
+                        // The value straddles into the next word: its high bits start that word.
+                        acc[word + 1][j] |= u32::from(src[j]) >> (32 - shift);
                     }
                 }
+            }
+            for (w, a) in acc.iter().enumerate() {
+                let dst = &mut blk_out[w * cols + c0..w * cols + c0 + LANES];
+                for (d, &x) in dst.iter_mut().zip(a) {
+                    *d = x as i32;
+                }
+            }
+        }
+        for c in full..cols {
+            let mut acc = [0u32; W];
+            for i in 0..R {
+                let bit = i * B;
+                let (word, shift) = (bit / 32, bit % 32);
+                let v = u32::from(blk_in[i * cols + c]);
+                acc[word] |= v << shift;
+                if shift + B > 32 {
+                    acc[word + 1] |= v >> (32 - shift);
+                }
+            }
+            for (w, &x) in acc.iter().enumerate() {
+                blk_out[w * cols + c] = x as i32;
             }
         }
     }
