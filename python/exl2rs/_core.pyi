@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension module exl2rs._core."""
 
 import os
-from typing import final
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
@@ -166,3 +166,58 @@ class Exl2Measurement:
     def inject_into_job(
         self, job_path: str | os.PathLike[str], choices: list[int], reuse_measurement: str = ""
     ) -> None: ...
+
+# pack: EXL2 / GPTQ-v1 tensors. Code arrays may be any integer dtype; words are int32,
+# floats float32. Matrices are [in_features, out_features].
+def pack_columns(codes: npt.NDArray[np.integer[Any]], bits: int) -> npt.NDArray[np.int32]: ...
+def unpack_columns(packed: npt.NDArray[np.int32], bits: int) -> npt.NDArray[np.uint8]: ...
+def exl2_layout(
+    rows: int, bits: list[int], bits_prop: list[float], group_size: list[int]
+) -> list[tuple[int, int]]: ...
+def exl2_pack(
+    codes: npt.NDArray[np.integer[Any]],
+    groups: list[tuple[int, int]],
+    scales: npt.NDArray[np.integer[Any]],
+    scale_max: npt.NDArray[np.float32],
+    perm: npt.NDArray[np.integer[Any]] | None = None,
+) -> dict[str, npt.NDArray[Any]]: ...
+def exl2_unpack(
+    q_weight: npt.NDArray[np.int32],
+    q_scale: npt.NDArray[np.int32],
+    q_scale_max: npt.NDArray[np.float32],
+    q_groups: npt.NDArray[np.integer[Any]],
+    q_invperm: npt.NDArray[np.integer[Any]],
+    cols: int | None = None,
+) -> dict[str, Any]: ...
+def exl2_dequantize(
+    q_weight: npt.NDArray[np.int32],
+    q_scale: npt.NDArray[np.int32],
+    q_scale_max: npt.NDArray[np.float32],
+    q_groups: npt.NDArray[np.integer[Any]],
+    q_invperm: npt.NDArray[np.integer[Any]],
+    cols: int | None = None,
+) -> npt.NDArray[np.float32]: ...
+def gptq_g_idx(
+    rows: int, group_size: int | None = None, perm: npt.NDArray[np.integer[Any]] | None = None
+) -> npt.NDArray[np.int32]: ...
+def gptq_pack(
+    codes: npt.NDArray[np.integer[Any]],
+    zeros: npt.NDArray[np.integer[Any]],
+    scales: npt.NDArray[np.float32],
+    g_idx: npt.NDArray[np.integer[Any]],
+    bits: int,
+) -> dict[str, npt.NDArray[Any]]: ...
+def gptq_unpack(
+    qweight: npt.NDArray[np.int32],
+    qzeros: npt.NDArray[np.int32],
+    scales: npt.NDArray[np.float32],
+    g_idx: npt.NDArray[np.integer[Any]],
+    bits: int,
+) -> dict[str, npt.NDArray[Any]]: ...
+def gptq_dequantize(
+    qweight: npt.NDArray[np.int32],
+    qzeros: npt.NDArray[np.int32],
+    scales: npt.NDArray[np.float32],
+    g_idx: npt.NDArray[np.integer[Any]],
+    bits: int,
+) -> npt.NDArray[np.float32]: ...

@@ -5,6 +5,7 @@ mod alloc;
 mod cancel;
 mod errors;
 mod measurement;
+mod pack;
 mod qparams;
 
 #[pymodule]
@@ -14,6 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     qparams::register(m)?;
     alloc::register(m)?;
     measurement::register(m)?;
+    pack::register(m)?;
     // pyo3 keeps an `__all__` of every added name; the typed facade, not this private
     // module, defines the public surface, so drop it (and keep the stub check simple).
     m.delattr("__all__")?;

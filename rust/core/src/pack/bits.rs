@@ -7,9 +7,10 @@
 //! rows in `b/gcd(b, 32)` words (2b: 16 rows → 1 word, 3b: 32 → 3, 4b: 8 → 1, 5b: 32 → 5,
 //! 6b: 16 → 3, 8b: 4 → 1).
 //!
-//! The hot loops walk one code row at a time over a tile of columns, so every inner loop is a
-//! branch-free `dst |= src << const_shift` over contiguous memory that LLVM vectorises; the tile
-//! keeps the block's output words in L1 while its rows stream through.
+//! The hot loops are monomorphised per width, so every shift is a constant: the packer
+//! accumulates a block's words for a tile of columns in registers from contiguous code rows,
+//! the unpacker writes one code row at a time as a branch-free `(lo >> s | hi << t) & mask`
+//! over contiguous words; LLVM vectorises both across columns.
 use rayon::prelude::*;
 
 use super::{check_len, PackError, Result};
@@ -19,8 +20,6 @@ pub const EXL2_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 /// Widths GPTQ v1 supports.
 pub const GPTQ_BITS: [u32; 4] = [2, 3, 4, 8];
 
-/// Columns per tile: `words_per_block · TILE · 4` bytes of output stay in L1/L2.
-const TILE: usize = 2048;
 /// Minimum output words per Rayon task, so small matrices do not pay scheduling overhead.
 const MIN_TASK_WORDS: usize = 1 << 16;
 
@@ -92,9 +91,10 @@ pub fn pack_columns(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result
     check_bits("pack_columns", bits, &EXL2_BITS)?;
     check_len("codes", codes.len(), &[rows, cols])?;
     check_block_rows("codes", rows, bits)?;
-    check_codes("codes", codes, cols, bits, 0)?;
     let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    pack_columns_into(codes, cols, bits, &mut out);
+    if pack_columns_into(codes, cols, bits, &mut out) >> bits != 0 {
+        check_codes("codes", codes, cols, bits, 0)?;
+    }
     Ok(out)
 }
 
@@ -133,26 +133,30 @@ pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> 
     }
 }
 
-/// Packs validated codes into `out` (`[rows·bits/32, cols]`), in parallel over whole blocks.
-/// Callers guarantee the shapes, `bits` ∈ [`EXL2_BITS`] and the code range.
-pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) {
+/// Packs codes into `out` (`[rows·bits/32, cols]`), in parallel over whole blocks, and
+/// returns the bitwise OR of every code read: a result `>= 2^bits` means some code was out of
+/// range (and its high bits leaked into its neighbours), which the caller must reject. This
+/// fuses the range check into the packing pass. Callers guarantee the shapes and `bits` ∈
+/// [`EXL2_BITS`].
+pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) -> u8 {
     if cols == 0 || codes.is_empty() {
-        return;
+        return 0;
     }
     let (rpb, wpb) = (rows_per_block(bits), words_per_block(bits));
     let blocks_per_task = (MIN_TASK_WORDS / (wpb * cols)).max(1);
     codes
         .par_chunks(rpb * cols * blocks_per_task)
         .zip(out.par_chunks_mut(wpb * cols * blocks_per_task))
-        .for_each(|(src, dst)| match bits {
-            2 => pack_seq::<2>(src, cols, dst),
-            3 => pack_seq::<3>(src, cols, dst),
-            4 => pack_seq::<4>(src, cols, dst),
-            5 => pack_seq::<5>(src, cols, dst),
-            6 => pack_seq::<6>(src, cols, dst),
-            8 => pack_seq::<8>(src, cols, dst),
+        .map(|(src, dst)| match bits {
+            2 => pack_seq::<2, 16, 1>(src, cols, dst),
+            3 => pack_seq::<3, 32, 3>(src, cols, dst),
+            4 => pack_seq::<4, 8, 1>(src, cols, dst),
+            5 => pack_seq::<5, 32, 5>(src, cols, dst),
+            6 => pack_seq::<6, 16, 3>(src, cols, dst),
+            8 => pack_seq::<8, 4, 1>(src, cols, dst),
             _ => unreachable!("bit width validated by the caller"),
-        });
+        })
+        .reduce(|| 0, |a, b| a | b)
 }
 
 /// Unpacks validated words into `out` (`[qrows·32/bits, cols]`), in parallel over blocks.
@@ -176,37 +180,66 @@ pub fn unpack_columns_into(packed: &[i32], cols: usize, bits: u32, out: &mut [u8
         });
 }
 
-/// Sequential packing of whole blocks; `B` is a const so the per-row shifts fold.
-fn pack_seq<const B: usize>(codes: &[u8], cols: usize, out: &mut [i32]) {
-    let rpb = rows_per_block(B as u32);
-    let wpb = words_per_block(B as u32);
+/// Columns per register tile of the packer: `W × LANES` u32 accumulators stay in registers.
+const LANES: usize = 16;
+
+/// Sequential packing of whole blocks. `B` bits, `R` rows → `W` words per block, all const so
+/// every shift folds: for each tile of `LANES` columns the block's words are accumulated in
+/// registers from the `R` code rows (contiguous loads) and stored once.
+fn pack_seq<const B: usize, const R: usize, const W: usize>(
+    codes: &[u8],
+    cols: usize,
+    out: &mut [i32],
+) -> u8 {
+    let mut seen = [0u8; LANES];
+    let mut seen_tail = 0u8;
     for (blk_in, blk_out) in codes
-        .chunks_exact(rpb * cols)
-        .zip(out.chunks_exact_mut(wpb * cols))
+        .chunks_exact(R * cols)
+        .zip(out.chunks_exact_mut(W * cols))
     {
-        for c0 in (0..cols).step_by(TILE) {
-            let c1 = (c0 + TILE).min(cols);
-            for w in 0..wpb {
-                blk_out[w * cols + c0..w * cols + c1].fill(0);
-            }
-            for i in 0..rpb {
+        let full = cols / LANES * LANES;
+        for c0 in (0..full).step_by(LANES) {
+            let mut acc = [[0u32; LANES]; W];
+            for i in 0..R {
                 let bit = i * B;
-                let (word, shift) = (bit / 32, (bit % 32) as u32);
-                let src = &blk_in[i * cols + c0..i * cols + c1];
-                let dst = &mut blk_out[word * cols + c0..word * cols + c1];
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d |= ((s as u32) << shift) as i32;
-                }
-                if shift as usize + B > 32 {
-                    // The value straddles into the next word: its high bits start that word.
-                    let dst = &mut blk_out[(word + 1) * cols + c0..(word + 1) * cols + c1];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d |= ((s as u32) >> (32 - shift)) as i32;
+                let (word, shift) = (bit / 32, bit % 32);
+                let src: &[u8; LANES] = blk_in[i * cols + c0..i * cols + c0 + LANES]
+                    .try_into()
+                    .expect("tile");
+                for j in 0..LANES {
+                    seen[j] |= src[j];
+                    acc[word][j] |= u32::from(src[j]) << shift;
+                    if shift + B > 32 {
+                        // The value straddles into the next word: its high bits start that word.
+                        acc[word + 1][j] |= u32::from(src[j]) >> (32 - shift);
                     }
                 }
             }
+            for (w, a) in acc.iter().enumerate() {
+                let dst = &mut blk_out[w * cols + c0..w * cols + c0 + LANES];
+                for (d, &x) in dst.iter_mut().zip(a) {
+                    *d = x as i32;
+                }
+            }
+        }
+        for c in full..cols {
+            let mut acc = [0u32; W];
+            for i in 0..R {
+                let bit = i * B;
+                let (word, shift) = (bit / 32, bit % 32);
+                seen_tail |= blk_in[i * cols + c];
+                let v = u32::from(blk_in[i * cols + c]);
+                acc[word] |= v << shift;
+                if shift + B > 32 {
+                    acc[word + 1] |= v >> (32 - shift);
+                }
+            }
+            for (w, &x) in acc.iter().enumerate() {
+                blk_out[w * cols + c] = x as i32;
+            }
         }
     }
+    seen.iter().fold(seen_tail, |a, &b| a | b)
 }
 
 fn unpack_seq<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {

@@ -124,10 +124,6 @@ impl Exl2Packed {
             None => (0..rows as i32).collect(),
         };
         let starts = layout.starts();
-        for (grp, &(r0, _)) in layout.groups().iter().zip(&starts) {
-            let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
-            check_codes("codes", part, cols, u32::from(grp.bits), r0)?;
-        }
 
         let np = padded(cols);
         let mut q_weight = vec![0i32; layout.qrows() * np];
@@ -139,21 +135,31 @@ impl Exl2Packed {
             outs.push(head);
             rest = tail;
         }
-        outs.into_par_iter()
+        // Each group reports the OR of its codes; a group with bits set above its width holds
+        // an out-of-range code, located (for the message) only in that case.
+        let seen: Vec<u8> = outs
+            .into_par_iter()
             .zip(layout.groups().par_iter().zip(&starts))
-            .for_each(|(out, (grp, &(r0, _)))| {
+            .map(|(out, (grp, &(r0, _)))| {
                 let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
                 if np == cols {
-                    pack_columns_into(part, cols, u32::from(grp.bits), out);
+                    pack_columns_into(part, cols, u32::from(grp.bits), out)
                 } else {
                     let zero = 1u8 << (grp.bits - 1);
                     let mut buf = vec![zero; grp.rows * np];
                     for (dst, src) in buf.chunks_exact_mut(np).zip(part.chunks_exact(cols)) {
                         dst[..cols].copy_from_slice(src);
                     }
-                    pack_columns_into(&buf, np, u32::from(grp.bits), out);
+                    pack_columns_into(&buf, np, u32::from(grp.bits), out)
                 }
-            });
+            })
+            .collect();
+        for ((grp, &(r0, _)), or) in layout.groups().iter().zip(&starts).zip(seen) {
+            if or >> grp.bits != 0 {
+                let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
+                check_codes("codes", part, cols, u32::from(grp.bits), r0)?;
+            }
+        }
 
         let mut q_scale = vec![0i32; g * np / 8];
         let mut stored = vec![0u8; np]; // padded columns store 0 (scale 1): their codes are zero
@@ -277,45 +283,54 @@ impl Exl2Tensors<'_> {
         let (layout, _) = self.validate()?;
         let keep = self.keep_cols(cols)?;
         let np = self.cols_padded;
-        let mut codes = vec![0u8; layout.rows() * np];
-        self.unpack_codes_into(&layout, &mut codes);
-
-        // Dequantize in storage order, one group per task, then gather rows by q_invperm.
-        let mut dq = vec![0f32; layout.rows() * keep];
-        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(layout.num_groups());
-        let mut rest = dq.as_mut_slice();
-        for grp in layout.groups() {
-            let (head, tail) = rest.split_at_mut(grp.rows * keep);
-            outs.push(head);
-            rest = tail;
-        }
         let starts = layout.starts();
-        outs.into_par_iter().enumerate().for_each(|(g, out)| {
-            let grp = layout.groups()[g];
-            let r0 = starts[g].0;
-            let mut qs = vec![0u8; np];
+
+        // Per group: the column scales (qs+1)² and max/256. (q − z)·(qs+1)² is an exact small
+        // integer in f32, so the one rounding is the multiply by max/256: bit-identical to
+        // evaluating the formula left to right.
+        let mut sq = vec![0f32; layout.num_groups() * keep];
+        let mut qs = vec![0u8; np];
+        for (g, dst) in sq.chunks_exact_mut(keep).enumerate() {
             unpack_row(&self.q_scale[g * np / 8..(g + 1) * np / 8], 4, &mut qs);
-            // (q − z)·(qs+1)² is an exact small integer in f32, so one rounding happens, in the
-            // multiply by max/256 — bit-identical to evaluating the formula left to right.
-            let sq: Vec<f32> = qs[..keep]
-                .iter()
-                .map(|&s| f32::from((s + 1) as u16 * (s + 1) as u16))
-                .collect();
-            let m = self.q_scale_max[g] / 256.0;
-            let z = f32::from(1u8 << (grp.bits - 1));
-            for (i, dst) in out.chunks_exact_mut(keep).enumerate() {
-                let src = &codes[(r0 + i) * np..(r0 + i) * np + keep];
-                for ((d, &q), &s) in dst.iter_mut().zip(src).zip(&sq) {
-                    *d = (f32::from(q) - z) * s * m;
-                }
+            for (d, &s) in dst.iter_mut().zip(&qs) {
+                *d = f32::from(u16::from(s + 1) * u16::from(s + 1));
             }
-        });
+        }
+        let mut group_of = vec![0u32; layout.rows()];
+        for (g, (grp, &(r0, _))) in layout.groups().iter().zip(&starts).enumerate() {
+            group_of[r0..r0 + grp.rows].fill(g as u32);
+        }
+
+        // One pass over the output: input row k is storage row q_invperm[k], whose codes are
+        // pulled straight out of q_weight with one shift pair for the whole row.
         let mut w = vec![0f32; layout.rows() * keep];
         w.par_chunks_exact_mut(keep)
             .zip(self.q_invperm.par_iter())
             .for_each(|(dst, &i)| {
                 let i = i as usize;
-                dst.copy_from_slice(&dq[i * keep..(i + 1) * keep]);
+                let g = group_of[i] as usize;
+                let grp = layout.groups()[g];
+                let (r0, q0) = starts[g];
+                let b = usize::from(grp.bits);
+                let bit = (i - r0) * b;
+                let (word, shift) = (q0 + bit / 32, (bit % 32) as u32);
+                let mask = (1u32 << b) - 1;
+                let z = f32::from(1u8 << (b - 1));
+                let m = self.q_scale_max[g] / 256.0;
+                let scale = &sq[g * keep..(g + 1) * keep];
+                let lo = &self.q_weight[word * np..word * np + keep];
+                if shift as usize + b <= 32 {
+                    for ((d, &x), &s) in dst.iter_mut().zip(lo).zip(scale) {
+                        let q = ((x as u32) >> shift) & mask;
+                        *d = (q as f32 - z) * s * m;
+                    }
+                } else {
+                    let hi = &self.q_weight[(word + 1) * np..(word + 1) * np + keep];
+                    for (((d, &x), &y), &s) in dst.iter_mut().zip(lo).zip(hi).zip(scale) {
+                        let q = (((x as u32) >> shift) | ((y as u32) << (32 - shift))) & mask;
+                        *d = (q as f32 - z) * s * m;
+                    }
+                }
             });
         Ok(w)
     }

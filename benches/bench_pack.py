@@ -1,0 +1,198 @@
+"""Pack / unpack throughput of exl2rs against a vectorised NumPy implementation, same run.
+
+For an 8192 x 8192 matrix at each EXL2 width: exl2rs on 1 and 2 threads (each in a child
+process with RAYON_NUM_THREADS set, since Rayon's pool is sized once per process) and NumPy's
+whole-array shift-and-or packer. GB/s counts packed output bytes. Prints a table of ratios
+and writes JSON to benches/out/bench_pack.json.
+
+    python benches/bench_pack.py [--rows 8192] [--cols 8192] [--reps 5] [--threads 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+WIDTHS = (2, 3, 4, 5, 6, 8)
+RPB = {2: 16, 3: 32, 4: 8, 5: 32, 6: 16, 8: 4}  # rows per block: fills whole int32 words
+
+
+def np_pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.int32]:
+    """Vectorised NumPy packer: one shift-and-or per row position of a block."""
+    rows, cols = codes.shape
+    r = RPB[bits]
+    w = r * bits // 32
+    blocks = codes.reshape(rows // r, r, cols).astype(np.uint32)
+    out = np.zeros((rows // r, w, cols), dtype=np.uint32)
+    for i in range(r):
+        word, shift = divmod(i * bits, 32)
+        out[:, word] |= blocks[:, i] << np.uint32(shift)
+        if shift + bits > 32:
+            out[:, word + 1] |= blocks[:, i] >> np.uint32(32 - shift)
+    return out.reshape(rows // r * w, cols).view(np.int32)
+
+
+def np_unpack(packed: npt.NDArray[np.int32], bits: int) -> npt.NDArray[np.uint8]:
+    qrows, cols = packed.shape
+    r = RPB[bits]
+    w = r * bits // 32
+    words = packed.view(np.uint32).reshape(qrows // w, w, cols)
+    out = np.empty((qrows // w, r, cols), dtype=np.uint8)
+    mask = np.uint32((1 << bits) - 1)
+    for i in range(r):
+        word, shift = divmod(i * bits, 32)
+        v = words[:, word] >> np.uint32(shift)
+        if shift + bits > 32:
+            v |= words[:, word + 1] << np.uint32(32 - shift)
+        out[:, i] = v & mask
+    return out.reshape(qrows // w * r, cols)
+
+
+def median_s(fn: Callable[[], object], reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_codes(rows: int, cols: int, bits: int) -> npt.NDArray[np.uint8]:
+    rng = np.random.default_rng(bits)
+    return rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+
+
+def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
+    """Runs in a process whose Rayon pool size is fixed by RAYON_NUM_THREADS."""
+    from exl2rs import packing as pk
+
+    res: dict[str, Any] = {}
+    for bits in WIDTHS:
+        codes = make_codes(rows, cols, bits)
+        packed = pk.pack_columns(codes, bits)
+        if not np.array_equal(packed, np_pack(codes, bits)):
+            raise SystemExit(f"{bits}-bit: exl2rs and NumPy disagree")
+        res[str(bits)] = {
+            "pack_s": median_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
+            "unpack_s": median_s(lambda p=packed, b=bits: pk.unpack_columns(p, b), reps),
+        }
+    # A whole EXL2 matrix with a mixed layout (exllamav2's down_proj row 9).
+    groups = pk.exl2_layout(rows, [8, 5, 4], [0.05, 0.1, 0.85], [32, 128, 128])
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, 2**b, (r, cols), dtype=np.uint8) for b, r in groups])
+    scales = rng.integers(1, 17, (len(groups), cols), dtype=np.uint8)
+    sm = np.ones(len(groups), np.float32)
+    perm = rng.permutation(rows)
+    t = pk.pack_exl2(codes, groups, scales, sm, perm)
+    res["exl2_mixed"] = {
+        "pack_s": median_s(lambda: pk.pack_exl2(codes, groups, scales, sm, perm), reps),
+        "dequant_s": median_s(t.dequantize, reps),
+        "packed_bytes": int(t.q_weight.nbytes),
+    }
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--cols", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--out", type=Path, default=Path("benches/out/bench_pack.json"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.rows % 32:
+        ap.error(f"--rows must be a multiple of 32 (got {a.rows})")
+    if a.child:
+        print(json.dumps(child(a.rows, a.cols, a.reps)))
+        return 0
+
+    threads = [int(t) for t in a.threads.split(",")]
+    runs: dict[int, dict[str, Any]] = {}
+    for t in threads:
+        env = dict(os.environ, RAYON_NUM_THREADS=str(t))
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            f"--rows={a.rows}",
+            f"--cols={a.cols}",
+            f"--reps={a.reps}",
+        ]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        runs[t] = json.loads(out.strip().splitlines()[-1])
+
+    print(
+        f"pack/unpack along K, {a.rows} x {a.cols} codes, median of {a.reps} reps; "
+        "GB/s of packed int32 output"
+    )
+    head = f"{'bits':>4} {'numpy pack':>10} {'numpy unp':>10}"
+    for t in threads:
+        head += f" {f'pack {t}T':>9} {f'unp {t}T':>9} {f'x np {t}T':>9}"
+    print(head)
+    rows_out = []
+    for bits in WIDTHS:
+        codes = make_codes(a.rows, a.cols, bits)
+        packed = np_pack(codes, bits)
+        gb = packed.nbytes / 1e9
+        npk = median_s(lambda c=codes, b=bits: np_pack(c, b), max(1, a.reps // 2))
+        npu = median_s(lambda p=packed, b=bits: np_unpack(p, b), max(1, a.reps // 2))
+        if not np.array_equal(np_unpack(packed, bits), codes):
+            raise SystemExit(f"{bits}-bit: NumPy reference does not round-trip")
+        line = f"{bits:>4} {gb / npk:>10.3f} {gb / npu:>10.3f}"
+        entry: dict[str, Any] = {
+            "bits": bits,
+            "packed_bytes": packed.nbytes,
+            "numpy_pack_s": npk,
+            "numpy_unpack_s": npu,
+            "exl2rs": {},
+        }
+        for t in threads:
+            r = runs[t][str(bits)]
+            line += f" {gb / r['pack_s']:>9.2f} {gb / r['unpack_s']:>9.2f}"
+            line += f" {npk / r['pack_s']:>8.1f}x"
+            entry["exl2rs"][str(t)] = {
+                **r,
+                "pack_gbps": gb / r["pack_s"],
+                "unpack_gbps": gb / r["unpack_s"],
+                "pack_vs_numpy": npk / r["pack_s"],
+                "unpack_vs_numpy": npu / r["unpack_s"],
+            }
+        print(line)
+        rows_out.append(entry)
+    print("\nwhole EXL2 matrix, 0.05:8b/0.1:5b/0.85:4b (g32/g128/g128), random act-order:")
+    for t in threads:
+        m = runs[t]["exl2_mixed"]
+        print(
+            f"  {t}T: pack_exl2 {m['pack_s'] * 1e3:.1f} ms "
+            f"({m['packed_bytes'] / 1e9 / m['pack_s']:.2f} GB/s), "
+            f"dequantize {m['dequant_s'] * 1e3:.1f} ms"
+        )
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "bench": "bench_pack",
+        "rows": a.rows,
+        "cols": a.cols,
+        "reps": a.reps,
+        "widths": rows_out,
+        "exl2_mixed": {str(t): runs[t]["exl2_mixed"] for t in threads},
+    }
+    a.out.write_text(json.dumps(doc, indent=2))
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""exl2rs.packing: EXL2 / GPTQ-v1 packing from NumPy and torch, round trips, dequantization
+against plain NumPy formulas, and errors that name the tensor and value."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exl2rs import Exl2Error, PackError
+from exl2rs import packing as pk
+
+RPB = {2: 16, 3: 32, 4: 8, 5: 32, 6: 16, 8: 4}  # rows per packed block
+
+
+def ref_pack(codes: npt.NDArray[np.integer], bits: int) -> npt.NDArray[np.int32]:
+    """Reference: code r of a column sits at bits [r*bits, r*bits + bits) of its stream."""
+    rows, cols = codes.shape
+    out = np.zeros((rows * bits // 32 + 1, cols), dtype=np.uint64)
+    for r in range(rows):
+        word, shift = divmod(r * bits, 32)
+        v = codes[r].astype(np.uint64) << np.uint64(shift)
+        out[word] |= v & np.uint64(0xFFFFFFFF)
+        out[word + 1] |= v >> np.uint64(32)
+    return out[:-1].astype(np.uint32).view(np.int32)
+
+
+def exl2_case(
+    rng: np.random.Generator, groups: list[tuple[int, int]], cols: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8], npt.NDArray[np.float32], npt.NDArray]:
+    codes = np.concatenate([rng.integers(0, 2**b, (r, cols), dtype=np.uint8) for b, r in groups])
+    scales = rng.integers(1, 17, (len(groups), cols), dtype=np.uint8)
+    scale_max = rng.uniform(0.01, 2.0, len(groups)).astype(np.float32)
+    perm = rng.permutation(codes.shape[0])
+    return codes, scales, scale_max, perm
+
+
+def ref_dequant_exl2(
+    codes: npt.NDArray,
+    groups: list[tuple[int, int]],
+    scales: npt.NDArray,
+    sm: npt.NDArray,
+    perm: npt.NDArray,
+) -> npt.NDArray[np.float32]:
+    w = np.zeros(codes.shape, dtype=np.float32)
+    r0 = 0
+    for g, (b, r) in enumerate(groups):
+        q = codes[r0 : r0 + r].astype(np.float32) - np.float32(2 ** (b - 1))
+        qs = scales[g].astype(np.float32)
+        w[perm[r0 : r0 + r]] = q * qs * qs * np.float32(sm[g]) / np.float32(256)
+        r0 += r
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_columns_numpy_and_torch(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, (3 * RPB[bits], 45), dtype=np.int64)
+    packed = pk.pack_columns(codes, bits)
+    assert packed.dtype == np.int32 and packed.shape == (3 * RPB[bits] * bits // 32, 45)
+    np.testing.assert_array_equal(packed, ref_pack(codes, bits))
+    np.testing.assert_array_equal(pk.pack_columns(torch.from_numpy(codes), bits), packed)
+    np.testing.assert_array_equal(pk.unpack_columns(packed, bits), codes)
+    # Fortran-ordered and strided views are copied in logical order, not misread.
+    np.testing.assert_array_equal(pk.pack_columns(np.asfortranarray(codes), bits), packed)
+    wide = np.zeros((codes.shape[0], 90), dtype=np.uint8)
+    wide[:, ::2] = codes
+    np.testing.assert_array_equal(pk.pack_columns(wide[:, ::2], bits), packed)
+    np.testing.assert_array_equal(pk.unpack_columns(np.asfortranarray(packed), bits), codes)
+
+
+def test_exl2_roundtrip_numpy_and_torch() -> None:
+    rng = np.random.default_rng(0)
+    groups = pk.exl2_layout(576, [8, 4, 3], [0.05, 0.1, 0.85], [32, 128, 128])
+    assert groups[-1][1] < 128  # a short last group
+    codes, scales, sm, perm = exl2_case(rng, groups, 45)  # 45 columns: padded to 64
+    t = pk.pack_exl2(codes, groups, scales, sm, perm)
+    assert t.q_weight.shape == (sum(r * b // 32 for b, r in groups), 64)
+    assert t.q_scale.shape == (len(groups), 8) and t.q_scale_max.dtype == np.float16
+    assert t.q_groups.dtype == np.int16 and t.q_groups[0::2].tolist() == [b for b, _ in groups]
+    np.testing.assert_array_equal(t.q_invperm, np.argsort(perm))
+
+    tt = pk.pack_exl2(
+        torch.from_numpy(codes.astype(np.int32)),
+        groups,
+        torch.from_numpy(scales.astype(np.int64)),
+        torch.from_numpy(sm),
+        torch.from_numpy(perm),
+    )
+    for name in ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm"):
+        np.testing.assert_array_equal(getattr(tt, name), getattr(t, name))
+
+    u = t.unpack()
+    np.testing.assert_array_equal(u.codes, codes)
+    np.testing.assert_array_equal(u.scales, scales)
+    np.testing.assert_array_equal(u.perm, perm)
+    assert u.groups == groups
+    want = ref_dequant_exl2(codes, groups, scales, t.q_scale_max.astype(np.float32), perm)
+    np.testing.assert_array_equal(t.dequantize(), want)
+    keys = t.state_dict("model.layers.0.mlp.down_proj")
+    assert "model.layers.0.mlp.down_proj.q_invperm" in keys and len(keys) == 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.sampled_from([2, 3, 4, 5, 6, 8]), min_size=1, max_size=4),
+    blocks=st.lists(st.integers(1, 3), min_size=4, max_size=4),
+    cols=st.integers(1, 70),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_exl2_roundtrip_property(
+    widths: list[int], blocks: list[int], cols: int, seed: int
+) -> None:
+    widths = sorted(widths, reverse=True)
+    groups = [(b, n * 32) for b, n in zip(widths, blocks, strict=False)]
+    codes, scales, sm, perm = exl2_case(np.random.default_rng(seed), groups, cols)
+    t = pk.pack_exl2(codes, groups, scales, sm, perm)
+    u = t.unpack()
+    np.testing.assert_array_equal(u.codes, codes)
+    np.testing.assert_array_equal(u.perm, perm)
+    want = ref_dequant_exl2(codes, groups, scales, t.q_scale_max.astype(np.float32), perm)
+    np.testing.assert_array_equal(t.dequantize(), want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_roundtrip(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    rows, cols, gs = 128, 64, 32
+    codes = torch.randint(0, 2**bits, (rows, cols), generator=torch.Generator().manual_seed(1))
+    zeros = rng.integers(1, 2**bits + 1, (rows // gs, cols))
+    scales = rng.uniform(0.001, 0.1, (rows // gs, cols)).astype(np.float32)
+    perm = rng.permutation(rows)
+    g_idx = pk.gptq_g_idx(rows, gs, perm)
+    t = pk.pack_gptq(codes, zeros, scales, g_idx, bits)
+    assert t.qweight.shape == (rows * bits // 32, cols)
+    assert t.qzeros.shape == (rows // gs, cols * bits // 32) and t.scales.dtype == np.float16
+    np.testing.assert_array_equal(t.qweight, ref_pack(codes.numpy(), bits))
+    np.testing.assert_array_equal(t.qzeros, ref_pack((zeros - 1).T, bits).T)
+    u = t.unpack()
+    np.testing.assert_array_equal(u.codes, codes.numpy())
+    np.testing.assert_array_equal(u.zeros, zeros)
+    s = t.scales.astype(np.float32)[g_idx]
+    want = s * (codes.numpy().astype(np.float32) - zeros[g_idx].astype(np.float32))
+    np.testing.assert_array_equal(t.dequantize(), want)
+
+
+def test_errors_name_tensor_and_value() -> None:
+    codes = np.zeros((16, 4), dtype=np.int32)
+    codes[5, 2] = 4
+    with pytest.raises(PackError, match=r"codes\[5, 2\] = 4 is out of range: expected a 2-bit"):
+        pk.pack_columns(codes, 2)
+    codes[5, 2] = -1
+    with pytest.raises(PackError, match=r"codes\[5, 2\] = -1"):
+        pk.pack_columns(codes, 2)
+    with pytest.raises(PackError, match="unsupported bit width 7"):
+        pk.pack_columns(np.zeros((32, 1), np.uint8), 7)
+    with pytest.raises(PackError, match="expected an integer dtype, got float32"):
+        pk.pack_columns(np.zeros((16, 1), np.float32), 2)
+    with pytest.raises(PackError, match="expected a 2-D array"):
+        pk.pack_columns(np.zeros(16, np.uint8), 2)
+    with pytest.raises(PackError, match="multiple of 32"):
+        pk.pack_exl2(np.zeros((16, 1), np.uint8), [(3, 16)], np.ones((1, 1), int), np.ones(1))
+    with pytest.raises(PackError, match=r"q_scale: shape \[2, 1\]"):
+        pk.pack_exl2(np.zeros((8, 1), np.uint8), [(4, 8)], np.ones((2, 1), int), np.ones(1))
+    with pytest.raises(PackError, match=r"q_scale\[0, 0\] = 0"):
+        pk.pack_exl2(np.zeros((8, 1), np.uint8), [(4, 8)], np.zeros((1, 1), int), np.ones(1))
+    with pytest.raises(PackError, match="non-increasing"):
+        pk.pack_exl2(
+            np.zeros((40, 1), np.uint8), [(2, 32), (4, 8)], np.ones((2, 1), int), np.ones(2)
+        )
+    with pytest.raises(PackError, match=r"perm\[1\] = 0"):
+        pk.pack_exl2(
+            np.zeros((8, 1), np.uint8), [(4, 8)], np.ones((1, 1), int), np.ones(1), np.zeros(8, int)
+        )
+    with pytest.raises(PackError, match=r"qzeros\[0, 0\] = 0"):
+        pk.pack_gptq(
+            np.zeros((8, 8), int), np.zeros((1, 8), int), np.ones((1, 8)), np.zeros(8, int), 4
+        )
+    t = pk.pack_exl2(np.zeros((8, 1), np.uint8), [(4, 8)], np.ones((1, 1), int), np.ones(1))
+    bad = pk.Exl2Tensors(
+        t.q_weight, t.q_scale, t.q_scale_max, np.array([7, 0], np.int16), t.q_invperm, 1
+    )
+    with pytest.raises(PackError, match=r"q_groups\[0\] = 7"):
+        bad.dequantize()
+    assert issubclass(PackError, Exl2Error) and issubclass(PackError, Exception)
