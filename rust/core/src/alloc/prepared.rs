@@ -171,6 +171,23 @@ impl Prepared {
         Ok(sol)
     }
 
+    /// EXL2's annealing slots: one per class, every allowed option in cost order (no pruning,
+    /// as in EXL2), with the class's Σ raw member error.
+    pub fn anneal_slots(&self) -> Vec<Vec<(u64, f64)>> {
+        super::anneal::slots_of(self)
+    }
+
+    /// Original-item option indices of a class-level choice (as returned for the slots).
+    pub fn item_choices(&self, class_choice: &[u32]) -> Vec<usize> {
+        let mut choices = vec![0usize; self.problem.items.len()];
+        for (c, &k) in self.classes.iter().zip(class_choice) {
+            for (&m, &o) in c.members.iter().zip(&c.opts[k as usize].member_opts) {
+                choices[m] = o as usize;
+            }
+        }
+        choices
+    }
+
     /// Map a class-level choice back to original items and score it.
     pub(crate) fn expand(
         &self,
@@ -180,12 +197,7 @@ impl Prepared {
         lower_bound: Option<f64>,
         optimal: bool,
     ) -> Solution {
-        let mut choices = vec![0usize; self.problem.items.len()];
-        for (c, &k) in self.classes.iter().zip(class_choice) {
-            for (&m, &o) in c.members.iter().zip(&c.opts[k as usize].member_opts) {
-                choices[m] = o as usize;
-            }
-        }
+        let choices = self.item_choices(class_choice);
         let cost_bits: u64 =
             self.problem.items.iter().zip(&choices).map(|(it, &c)| it.options[c].bits).sum();
         assert!(cost_bits <= budget, "internal error: solver exceeded the budget");
