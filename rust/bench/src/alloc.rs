@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use exl2rs_core::alloc::{
-    anneal_reference, anneal_slots, frontier_prepared, solve, AnnealParams, Objective,
-    Prepared, Problem, SolveConfig, SolverKind, Target,
+    anneal_reference, anneal_slots, frontier_prepared, solve, AnnealParams, Objective, Prepared,
+    Problem, SolveConfig, SolverKind, Target,
 };
 use serde_json::{json, Value};
 
@@ -46,7 +46,11 @@ struct Args {
 
 fn parse(cmd: &str, a: &[String]) -> Result<Args, String> {
     let mut o = Args {
-        model: if cmd == "anneal" { "8b".into() } else { "70b".into() },
+        model: if cmd == "anneal" {
+            "8b".into()
+        } else {
+            "70b".into()
+        },
         fused: false,
         seed: 0,
         problem: None,
@@ -68,10 +72,13 @@ fn parse(cmd: &str, a: &[String]) -> Result<Args, String> {
     let mut i = 0;
     let val = |i: &mut usize| -> Result<String, String> {
         *i += 1;
-        a.get(*i).cloned().ok_or_else(|| format!("{} needs a value", a[*i - 1]))
+        a.get(*i)
+            .cloned()
+            .ok_or_else(|| format!("{} needs a value", a[*i - 1]))
     };
     let num = |s: String, what: &str| -> Result<f64, String> {
-        s.parse::<f64>().map_err(|_| format!("{what}: expected a number, got {s:?}"))
+        s.parse::<f64>()
+            .map_err(|_| format!("{what}: expected a number, got {s:?}"))
     };
     while i < a.len() {
         match a[i].as_str() {
@@ -131,14 +138,21 @@ fn load_problem(o: &Args) -> Result<(String, Problem), String> {
     }
     let shape = synth::shape_by_name(&o.model)
         .ok_or_else(|| format!("--model: expected 8b or 70b, got {:?}", o.model))?;
-    let label = format!("{}{} seed {}", shape.name, if o.fused { " fused" } else { "" }, o.seed);
+    let label = format!(
+        "{}{} seed {}",
+        shape.name,
+        if o.fused { " fused" } else { "" },
+        o.seed
+    );
     Ok((label, synth::synthetic(&shape, o.fused, o.seed)))
 }
 
 fn targets(o: &Args, default: (f64, f64, f64)) -> Vec<f64> {
     let (a, b, step) = o.targets.unwrap_or(default);
     let n = ((b - a) / step + 1e-9).floor().max(0.0) as usize;
-    (0..=n).map(|i| ((a + i as f64 * step) * 1e6).round() / 1e6).collect()
+    (0..=n)
+        .map(|i| ((a + i as f64 * step) * 1e6).round() / 1e6)
+        .collect()
 }
 
 pub fn run(cmd: &str, args: &[String]) -> i32 {
@@ -150,7 +164,10 @@ pub fn run(cmd: &str, args: &[String]) -> i32 {
         }
     };
     if let Some(n) = o.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
             eprintln!("--threads: {e}");
             return 2;
         }
@@ -195,13 +212,25 @@ fn bench_alloc(o: &Args) -> Result<Value, String> {
     let mut rows = Vec::new();
     println!(
         "{:>6} {:>10} {:>11} {:>16} {:>12} {:>10} {:>9} {:>8} {:>7}",
-        "target", "solver", "time ms", "objective", "gap exact %", "LB gap %", "bpw", "free", "optimal"
+        "target",
+        "solver",
+        "time ms",
+        "objective",
+        "gap exact %",
+        "LB gap %",
+        "bpw",
+        "free",
+        "optimal"
     );
     for t in targets(o, (2.5, 6.0, 0.5)) {
         let mut exact_obj = None;
         for &kind in &o.solvers {
             let cfg = SolveConfig::new(o.objective, kind);
-            let reps = if kind == SolverKind::Anneal { 1 } else { repeat };
+            let reps = if kind == SolverKind::Anneal {
+                1
+            } else {
+                repeat
+            };
             let mut best_ms = f64::INFINITY;
             let mut sol = None;
             for _ in 0..reps {
@@ -242,13 +271,18 @@ fn bench_alloc(o: &Args) -> Result<Value, String> {
             }));
         }
     }
-    Ok(json!({"bench": "alloc", "problem": label, "threads": rayon::current_num_threads(), "rows": rows}))
+    Ok(
+        json!({"bench": "alloc", "problem": label, "threads": rayon::current_num_threads(), "rows": rows}),
+    )
 }
 
 fn bench_frontier(o: &Args) -> Result<Value, String> {
     let (label, p) = load_problem(o)?;
     header(&label, &p, rayon::current_num_threads());
-    let ts: Vec<Target> = targets(o, (2.0, 8.0, 0.05)).into_iter().map(Target::Bpw).collect();
+    let ts: Vec<Target> = targets(o, (2.0, 8.0, 0.05))
+        .into_iter()
+        .map(Target::Bpw)
+        .collect();
     let cfg = SolveConfig::new(o.objective, SolverKind::Exact);
     let cancel = AtomicBool::new(false);
     let repeat = o.repeat.unwrap_or(3);
@@ -278,10 +312,18 @@ fn bench_frontier(o: &Args) -> Result<Value, String> {
     }
     let monotone = ok.windows(2).all(|w| w[1].objective <= w[0].objective);
     println!("{:<44} {:>10} {:>8}", "method", "time ms", "ratio");
-    println!("{:<44} {:>10.2} {:>8.2}", "solve() per target, sequential (baseline)", base_s * 1e3, 1.0);
     println!(
         "{:<44} {:>10.2} {:>8.2}",
-        format!("frontier, shared prep, {} threads", rayon::current_num_threads()),
+        "solve() per target, sequential (baseline)",
+        base_s * 1e3,
+        1.0
+    );
+    println!(
+        "{:<44} {:>10.2} {:>8.2}",
+        format!(
+            "frontier, shared prep, {} threads",
+            rayon::current_num_threads()
+        ),
         fr_s * 1e3,
         base_s / fr_s
     );
@@ -299,20 +341,28 @@ fn bench_frontier(o: &Args) -> Result<Value, String> {
             Err(e) => json!({"target": t, "error": e.to_string()}),
         })
         .collect();
-    Ok(json!({"bench": "frontier", "problem": label, "threads": rayon::current_num_threads(),
-              "baseline_ms": base_s * 1e3, "frontier_ms": fr_s * 1e3, "curve": curve}))
+    Ok(
+        json!({"bench": "frontier", "problem": label, "threads": rayon::current_num_threads(),
+              "baseline_ms": base_s * 1e3, "frontier_ms": fr_s * 1e3, "curve": curve}),
+    )
 }
 
 fn bench_anneal(o: &Args) -> Result<Value, String> {
     let (label, p) = load_problem(o)?;
     header(&label, &p, rayon::current_num_threads());
     if !p.groups.is_empty() {
-        return Err("anneal compares objectives per item; use a problem without fused groups".into());
+        return Err(
+            "anneal compares objectives per item; use a problem without fused groups".into(),
+        );
     }
     // EXL2's slots: one per item, every allowed option in cost order, no pruning.
     let prep = Prepared::new(&p, Objective::Sum).map_err(|e| e.to_string())?;
     let slots = prep.anneal_slots();
-    let params = AnnealParams { samples: o.samples, seed: o.seed, ..AnnealParams::default() };
+    let params = AnnealParams {
+        samples: o.samples,
+        seed: o.seed,
+        ..AnnealParams::default()
+    };
     let cancel = AtomicBool::new(false);
     let mut rows = Vec::new();
     println!(
@@ -320,7 +370,9 @@ fn bench_anneal(o: &Args) -> Result<Value, String> {
         "target", "method", "time s", "speedup", "Σ err^norm", "max err", "bpw"
     );
     for t in targets(o, (4.0, 4.0, 1.0)) {
-        let budget = Target::Bpw(t).budget_bits(p.total_numel()).map_err(|e| e.to_string())?;
+        let budget = Target::Bpw(t)
+            .budget_bits(p.total_numel())
+            .map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         let fast = anneal_slots(&slots, budget, &params, &cancel).map_err(|e| e.to_string())?;
         let fast_s = t0.elapsed().as_secs_f64();
@@ -337,20 +389,41 @@ fn bench_anneal(o: &Args) -> Result<Value, String> {
         };
         let norm = fast.norm;
         let energy = |ch: &[usize]| -> (f64, f64) {
-            let e: Vec<f64> = p.items.iter().zip(ch).map(|(it, &k)| it.options[k].error).collect();
-            (e.iter().map(|x| x.powf(norm)).sum(), e.iter().cloned().fold(0.0, f64::max))
+            let e: Vec<f64> = p
+                .items
+                .iter()
+                .zip(ch)
+                .map(|(it, &k)| it.options[k].error)
+                .collect();
+            (
+                e.iter().map(|x| x.powf(norm)).sum(),
+                e.iter().cloned().fold(0.0, f64::max),
+            )
         };
         let sa_choice = prep.item_choices(&fast.choice);
         let (sa_e, sa_m) = energy(&sa_choice);
-        let sa_bits: u64 = p.items.iter().zip(&sa_choice).map(|(it, &k)| it.options[k].bits).sum();
+        let sa_bits: u64 = p
+            .items
+            .iter()
+            .zip(&sa_choice)
+            .map(|(it, &k)| it.options[k].bits)
+            .sum();
         let bpw = |b: u64| b as f64 / p.total_numel() as f64;
         let t0 = Instant::now();
-        let ex = solve(&p, Target::Bpw(t), &SolveConfig::new(Objective::Norm(norm), SolverKind::Exact))
-            .map_err(|e| e.to_string())?;
+        let ex = solve(
+            &p,
+            Target::Bpw(t),
+            &SolveConfig::new(Objective::Norm(norm), SolverKind::Exact),
+        )
+        .map_err(|e| e.to_string())?;
         let ex_s = t0.elapsed().as_secs_f64();
         let (ex_e, ex_m) = energy(&ex.choices);
-        let mm = solve(&p, Target::Bpw(t), &SolveConfig::new(Objective::Minimax, SolverKind::Minimax))
-            .map_err(|e| e.to_string())?;
+        let mm = solve(
+            &p,
+            Target::Bpw(t),
+            &SolveConfig::new(Objective::Minimax, SolverKind::Minimax),
+        )
+        .map_err(|e| e.to_string())?;
         let (mm_e, mm_m) = energy(&mm.choices);
         let line = |name: String, s: f64, sp: Option<f64>, e: f64, m: f64, b: f64| {
             println!(
@@ -359,12 +432,40 @@ fn bench_anneal(o: &Args) -> Result<Value, String> {
             );
         };
         if let Some(rs) = reference {
-            line("anneal reference (1 thread, naive)".into(), rs, Some(1.0), sa_e, sa_m, bpw(sa_bits));
+            line(
+                "anneal reference (1 thread, naive)".into(),
+                rs,
+                Some(1.0),
+                sa_e,
+                sa_m,
+                bpw(sa_bits),
+            );
         }
         let threads = rayon::current_num_threads();
-        line(format!("anneal optimised ({threads} threads)"), fast_s, reference.map(|r| r / fast_s), sa_e, sa_m, bpw(sa_bits));
-        line(format!("exact, Σ err^{norm:.4}"), ex_s, reference.map(|r| r / ex_s), ex_e, ex_m, ex.bpw);
-        line("minimax (max err)".into(), mm.stats.time_s, None, mm_e, mm_m, mm.bpw);
+        line(
+            format!("anneal optimised ({threads} threads)"),
+            fast_s,
+            reference.map(|r| r / fast_s),
+            sa_e,
+            sa_m,
+            bpw(sa_bits),
+        );
+        line(
+            format!("exact, Σ err^{norm:.4}"),
+            ex_s,
+            reference.map(|r| r / ex_s),
+            ex_e,
+            ex_m,
+            ex.bpw,
+        );
+        line(
+            "minimax (max err)".into(),
+            mm.stats.time_s,
+            None,
+            mm_e,
+            mm_m,
+            mm.bpw,
+        );
         println!(
             "{t:>6.2} exact vs anneal on Σ err^norm: {:+.3}%   max err: minimax {:+.2}% vs anneal",
             100.0 * (ex_e - sa_e) / sa_e,
@@ -376,7 +477,8 @@ fn bench_anneal(o: &Args) -> Result<Value, String> {
             "exact_max_err": ex_m, "minimax_max_err": mm_m, "proposals": fast.proposals,
         }));
     }
-    Ok(json!({"bench": "anneal", "problem": label, "threads": rayon::current_num_threads(),
-              "samples": o.samples, "rows": rows}))
+    Ok(
+        json!({"bench": "anneal", "problem": label, "threads": rayon::current_num_threads(),
+              "samples": o.samples, "rows": rows}),
+    )
 }
-

@@ -17,10 +17,20 @@ pub struct Shape {
     pub kv_dim: usize,
 }
 
-pub const LLAMA3_8B: Shape =
-    Shape { name: "llama3-8b", layers: 32, hidden: 4096, inter: 14336, kv_dim: 8 * 128 };
-pub const LLAMA3_70B: Shape =
-    Shape { name: "llama3-70b", layers: 80, hidden: 8192, inter: 28672, kv_dim: 8 * 128 };
+pub const LLAMA3_8B: Shape = Shape {
+    name: "llama3-8b",
+    layers: 32,
+    hidden: 4096,
+    inter: 14336,
+    kv_dim: 8 * 128,
+};
+pub const LLAMA3_70B: Shape = Shape {
+    name: "llama3-70b",
+    layers: 80,
+    hidden: 8192,
+    inter: 28672,
+    kv_dim: 8 * 128,
+};
 
 pub fn shape_by_name(name: &str) -> Option<Shape> {
     match name {
@@ -32,7 +42,7 @@ pub fn shape_by_name(name: &str) -> Option<Shape> {
 
 struct Rng(u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -40,7 +50,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
     fn normal(&mut self) -> f64 {
         let (u, v) = (self.unit(), self.unit());
@@ -112,7 +122,11 @@ pub fn synthetic(shape: &Shape, fused: bool, seed: u64) -> Problem {
     let mut items = Vec::new();
     let mut groups = Vec::new();
     for layer in 0..shape.layers {
-        let edge = if layer < 2 || layer + 2 >= shape.layers { 2.5 } else { 1.0 };
+        let edge = if layer < 2 || layer + 2 >= shape.layers {
+            2.5
+        } else {
+            1.0
+        };
         let s_layer = edge * (0.5 * rng.normal()).exp();
         let base = items.len();
         for k in LinearKind::ALL {
@@ -122,14 +136,25 @@ pub fn synthetic(shape: &Shape, fused: bool, seed: u64) -> Problem {
             let options = candidate_set(k, fused)
                 .iter()
                 .map(|q| {
-                    let bits = q.total_bits(rows, cols).expect("EXL2 table configs are valid");
+                    let bits = q
+                        .total_bits(rows, cols)
+                        .expect("EXL2 table configs are valid");
                     let bpw = bits as f64 / numel as f64;
                     let noise = (0.12 * rng.normal()).exp();
-                    let error = 0.01 * s_layer * kind_sensitivity(k) * size * 0.5f64.powf(bpw) * noise;
-                    Opt { bits, error, config: id_of(q) }
+                    let error =
+                        0.01 * s_layer * kind_sensitivity(k) * size * 0.5f64.powf(bpw) * noise;
+                    Opt {
+                        bits,
+                        error,
+                        config: id_of(q),
+                    }
                 })
                 .collect();
-            items.push(Item::new(format!("model.layers.{layer}.{}", k.name()), numel, options));
+            items.push(Item::new(
+                format!("model.layers.{layer}.{}", k.name()),
+                numel,
+                options,
+            ));
         }
         if fused {
             groups.push(vec![base, base + 1, base + 2]);

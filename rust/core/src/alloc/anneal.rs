@@ -138,7 +138,12 @@ struct Flat {
 
 impl Flat {
     fn new(slots: &[Vec<(u64, f64)>]) -> Self {
-        let mut f = Flat { offset: vec![], len: vec![], cost: vec![], err: vec![] };
+        let mut f = Flat {
+            offset: vec![],
+            len: vec![],
+            cost: vec![],
+            err: vec![],
+        };
         for s in slots {
             f.offset.push(f.cost.len() as u32);
             f.len.push(s.len() as u32);
@@ -208,11 +213,21 @@ fn run_fast(
     }
     let choice: Vec<u32> = cur.iter().zip(&flat.offset).map(|(&j, &o)| j - o).collect();
     let (energy, max_err) = score(slots, &choice, norm);
-    Some(RunOut { choice, energy, max_err })
+    Some(RunOut {
+        choice,
+        energy,
+        max_err,
+    })
 }
 
 /// The straightforward implementation of one run (the bench baseline).
-fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm: f64, stream: u64) -> RunOut {
+fn run_reference(
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+    norm: f64,
+    stream: u64,
+) -> RunOut {
     let mut rng = Rng::new(p.seed, stream);
     let mut choice = vec![0u32; slots.len()];
     let mut cost: u64 = slots.iter().map(|s| s[0].0).sum();
@@ -234,7 +249,11 @@ fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm:
         temp *= p.cooling_factor;
     }
     let (energy, max_err) = score(slots, &choice, norm);
-    RunOut { choice, energy, max_err }
+    RunOut {
+        choice,
+        energy,
+        max_err,
+    }
 }
 
 fn stage_norm(p: &AnnealParams, i: u32, best: f64) -> f64 {
@@ -254,7 +273,11 @@ fn stage_norm(p: &AnnealParams, i: u32, best: f64) -> f64 {
 
 /// EXL2 0.3.2's top-up: bump each slot to its next option while the budget allows, until stable.
 fn top_up(slots: &[Vec<(u64, f64)>], budget: u64, choice: &mut [u32]) -> u64 {
-    let mut cost: u64 = slots.iter().zip(choice.iter()).map(|(s, &k)| s[k as usize].0).sum();
+    let mut cost: u64 = slots
+        .iter()
+        .zip(choice.iter())
+        .map(|(s, &k)| s[k as usize].0)
+        .sum();
     loop {
         let mut changed = false;
         for (s, k) in slots.iter().zip(choice.iter_mut()) {
@@ -287,18 +310,21 @@ fn drive(
         )));
     }
     let s = p.samples;
-    let stage = |range: std::ops::Range<u32>, best: f64| -> Result<Vec<(f64, RunOut)>, AllocError> {
-        let one = |i: u32| {
-            let norm = stage_norm(p, i, best);
-            run(norm, i).map(|r| (norm, r))
+    let stage =
+        |range: std::ops::Range<u32>, best: f64| -> Result<Vec<(f64, RunOut)>, AllocError> {
+            let one = |i: u32| {
+                let norm = stage_norm(p, i, best);
+                run(norm, i).map(|r| (norm, r))
+            };
+            let out: Vec<Option<(f64, RunOut)>> = if parallel {
+                range.into_par_iter().map(one).collect()
+            } else {
+                range.map(one).collect()
+            };
+            out.into_iter()
+                .map(|r| r.ok_or(AllocError::Cancelled))
+                .collect()
         };
-        let out: Vec<Option<(f64, RunOut)>> = if parallel {
-            range.into_par_iter().map(one).collect()
-        } else {
-            range.map(one).collect()
-        };
-        out.into_iter().map(|r| r.ok_or(AllocError::Cancelled)).collect()
-    };
     let mut best_max = f64::INFINITY;
     let mut best_norm = p.norm_interval.0;
     for (lo, hi) in [(0, s), (s, 2 * s)] {
@@ -331,7 +357,9 @@ fn drive(
 
 fn check_slots(slots: &[Vec<(u64, f64)>]) -> Result<(), AllocError> {
     if slots.is_empty() || slots.iter().any(|s| s.is_empty()) {
-        return Err(AllocError::InvalidProblem("anneal needs ≥ 1 slot, each with ≥ 1 option".into()));
+        return Err(AllocError::InvalidProblem(
+            "anneal needs ≥ 1 slot, each with ≥ 1 option".into(),
+        ));
     }
     Ok(())
 }
@@ -345,7 +373,13 @@ pub fn anneal_slots(
 ) -> Result<AnnealResult, AllocError> {
     check_slots(slots)?;
     let flat = Flat::new(slots);
-    drive(slots, budget, p, &|norm, i| run_fast(&flat, slots, budget, p, norm, i as u64, cancel), true)
+    drive(
+        slots,
+        budget,
+        p,
+        &|norm, i| run_fast(&flat, slots, budget, p, norm, i as u64, cancel),
+        true,
+    )
 }
 
 /// The straightforward single-threaded implementation of the same driver and protocol; gives the
@@ -357,13 +391,22 @@ pub fn anneal_reference(
     p: &AnnealParams,
 ) -> Result<AnnealResult, AllocError> {
     check_slots(slots)?;
-    drive(slots, budget, p, &|norm, i| Some(run_reference(slots, budget, p, norm, i as u64)), false)
+    drive(
+        slots,
+        budget,
+        p,
+        &|norm, i| Some(run_reference(slots, budget, p, norm, i as u64)),
+        false,
+    )
 }
 
 /// EXL2's slots of a prepared problem: every allowed option of each class (no pruning, as in
 /// EXL2), in cost order, with the class's Σ raw member error.
 pub(crate) fn slots_of(p: &Prepared) -> Vec<Vec<(u64, f64)>> {
-    p.classes.iter().map(|c| c.opts.iter().map(|o| (o.cost, o.err_sum)).collect()).collect()
+    p.classes
+        .iter()
+        .map(|c| c.opts.iter().map(|o| (o.cost, o.err_sum)).collect())
+        .collect()
 }
 
 pub(crate) fn anneal(

@@ -34,14 +34,17 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
         .classes
         .iter()
         .map(|c| {
-            c.hull.iter().map(|&k| c.opts[k as usize].1 + lam * c.opts[k as usize].0 as f64).fold(
-                f64::INFINITY,
-                f64::min,
-            )
+            c.hull
+                .iter()
+                .map(|&k| c.opts[k as usize].1 + lam * c.opts[k as usize].0 as f64)
+                .fold(f64::INFINITY, f64::min)
         })
         .collect();
     let lb = mins.iter().sum::<f64>() - lam * budget as f64;
-    let scale = inc.value.abs() + lb.abs() + lam * budget as f64 + mins.iter().map(|x| x.abs()).sum::<f64>();
+    let scale = inc.value.abs()
+        + lb.abs()
+        + lam * budget as f64
+        + mins.iter().map(|x| x.abs()).sum::<f64>();
     // Tolerance for rounding in the reduced costs: keeping slightly too many options or states
     // is always safe, pruning one too many is not.
     let eps = 1e-10 * scale + f64::MIN_POSITIVE;
@@ -55,7 +58,15 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
     for phase in 0..2 {
         let gap = (best.value - lb).max(0.0);
         let tau = if phase == 0 { gap / 16.0 } else { gap + eps };
-        let core = Core { m, budget, lam, mins: &mins, tau, eps, incumbent: best.value };
+        let core = Core {
+            m,
+            budget,
+            lam,
+            mins: &mins,
+            tau,
+            eps,
+            incumbent: best.value,
+        };
         let r = core.solve(cancel)?;
         nodes += r.nodes;
         peak = peak.max(r.peak);
@@ -63,10 +74,20 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
         if let Some((choice, value)) = r.improved {
             let (cost, v) = m.evaluate(&choice);
             debug_assert!(cost <= budget && (v - value).abs() <= 1e-9 * (1.0 + v.abs()));
-            best = McSol { choice, cost, value: v, ..best };
+            best = McSol {
+                choice,
+                cost,
+                value: v,
+                ..best
+            };
         }
     }
-    Ok(McSol { nodes, peak_states: peak, free_classes, ..proven(best, lb) })
+    Ok(McSol {
+        nodes,
+        peak_states: peak,
+        free_classes,
+        ..proven(best, lb)
+    })
 }
 
 struct Core<'a> {
@@ -91,111 +112,143 @@ impl Core<'_> {
     /// Pareto DP over the rest; returns a solution strictly better than the incumbent, if any
     /// exists among the kept options.
     fn solve(&self, cancel: &AtomicBool) -> Result<CoreResult, AllocError> {
-        let Core { m, budget, lam, mins, tau, eps, incumbent } = *self;
-    // Reduced-cost fixing over each class's Pareto front.
-    let mut fixed_cost = 0u64;
-    let mut fixed_value = 0.0;
-    let mut choice: Vec<u32> = vec![0; m.classes.len()];
-    let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
-    for (ci, c) in m.classes.iter().enumerate() {
-        let kept: Vec<u32> = c
-            .front
-            .iter()
-            .copied()
-            .filter(|&k| {
-                let (w, v) = c.opts[k as usize];
-                v + lam * w as f64 - mins[ci] <= tau
-            })
-            .collect();
-        if kept.len() == 1 {
-            let (w, v) = c.opts[kept[0] as usize];
-            fixed_cost += w;
-            fixed_value += v;
-            choice[ci] = kept[0];
-        } else {
-            free.push((ci, kept));
+        let Core {
+            m,
+            budget,
+            lam,
+            mins,
+            tau,
+            eps,
+            incumbent,
+        } = *self;
+        // Reduced-cost fixing over each class's Pareto front.
+        let mut fixed_cost = 0u64;
+        let mut fixed_value = 0.0;
+        let mut choice: Vec<u32> = vec![0; m.classes.len()];
+        let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (ci, c) in m.classes.iter().enumerate() {
+            let kept: Vec<u32> = c
+                .front
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    let (w, v) = c.opts[k as usize];
+                    v + lam * w as f64 - mins[ci] <= tau
+                })
+                .collect();
+            if kept.len() == 1 {
+                let (w, v) = c.opts[kept[0] as usize];
+                fixed_cost += w;
+                fixed_value += v;
+                choice[ci] = kept[0];
+            } else {
+                free.push((ci, kept));
+            }
         }
-    }
-    let free_classes = free.len();
-    let none = |nodes, peak| CoreResult { improved: None, nodes, peak, free_classes };
-    if fixed_cost > budget {
-        return Ok(none(0, 0));
-    }
-    let cap = budget - fixed_cost;
-    // Big cost ranges first: their choices decide feasibility, the bound prunes the rest.
-    free.sort_by(|a, b| {
-        let range = |(ci, kept): &(usize, Vec<u32>)| {
-            let c = &m.classes[*ci];
-            c.opts[*kept.last().unwrap() as usize].0 - c.opts[kept[0] as usize].0
+        let free_classes = free.len();
+        let none = |nodes, peak| CoreResult {
+            improved: None,
+            nodes,
+            peak,
+            free_classes,
         };
-        range(b).cmp(&range(a)).then(a.0.cmp(&b.0))
-    });
-    let n = free.len();
-    let suffix = SuffixLp::new(m, &free);
-    let target = incumbent - fixed_value;
-    let mut layers: Vec<Vec<State>> = Vec::with_capacity(n + 1);
-    layers.push(vec![State { cost: 0, value: 0.0, parent: u32::MAX, opt: u32::MAX }]);
-    let mut nodes = 0u64;
-    let mut peak = 1usize;
-    let mut cand: Vec<State> = Vec::new();
-    for s in 0..n {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(AllocError::Cancelled);
+        if fixed_cost > budget {
+            return Ok(none(0, 0));
         }
-        let (ci, kept) = &free[s];
-        let c = &m.classes[*ci];
-        let prev = &layers[s];
-        cand.clear();
-        for (pi, st) in prev.iter().enumerate() {
-            for &k in kept {
-                let (w, v) = c.opts[k as usize];
-                let cost = st.cost + w;
-                let Some(rest) = suffix.bound(s + 1, cap.saturating_sub(cost)) else {
-                    break; // kept is sorted by cost: the rest cannot fit either
-                };
-                if cost > cap {
-                    break;
-                }
-                let value = st.value + v;
-                if value + rest > target + eps {
-                    continue;
-                }
-                cand.push(State { cost, value, parent: pi as u32, opt: k });
+        let cap = budget - fixed_cost;
+        // Big cost ranges first: their choices decide feasibility, the bound prunes the rest.
+        free.sort_by(|a, b| {
+            let range = |(ci, kept): &(usize, Vec<u32>)| {
+                let c = &m.classes[*ci];
+                c.opts[*kept.last().unwrap() as usize].0 - c.opts[kept[0] as usize].0
+            };
+            range(b).cmp(&range(a)).then(a.0.cmp(&b.0))
+        });
+        let n = free.len();
+        let suffix = SuffixLp::new(m, &free);
+        let target = incumbent - fixed_value;
+        let mut layers: Vec<Vec<State>> = Vec::with_capacity(n + 1);
+        layers.push(vec![State {
+            cost: 0,
+            value: 0.0,
+            parent: u32::MAX,
+            opt: u32::MAX,
+        }]);
+        let mut nodes = 0u64;
+        let mut peak = 1usize;
+        let mut cand: Vec<State> = Vec::new();
+        for s in 0..n {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(AllocError::Cancelled);
             }
-        }
-        nodes += cand.len() as u64;
-        cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
-        let mut next: Vec<State> = Vec::with_capacity(cand.len());
-        for st in &cand {
-            if next.last().is_none_or(|l: &State| st.value < l.value) {
-                next.push(*st);
+            let (ci, kept) = &free[s];
+            let c = &m.classes[*ci];
+            let prev = &layers[s];
+            cand.clear();
+            for (pi, st) in prev.iter().enumerate() {
+                for &k in kept {
+                    let (w, v) = c.opts[k as usize];
+                    let cost = st.cost + w;
+                    let Some(rest) = suffix.bound(s + 1, cap.saturating_sub(cost)) else {
+                        break; // kept is sorted by cost: the rest cannot fit either
+                    };
+                    if cost > cap {
+                        break;
+                    }
+                    let value = st.value + v;
+                    if value + rest > target + eps {
+                        continue;
+                    }
+                    cand.push(State {
+                        cost,
+                        value,
+                        parent: pi as u32,
+                        opt: k,
+                    });
+                }
             }
+            nodes += cand.len() as u64;
+            cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
+            let mut next: Vec<State> = Vec::with_capacity(cand.len());
+            for st in &cand {
+                if next.last().is_none_or(|l: &State| st.value < l.value) {
+                    next.push(*st);
+                }
+            }
+            peak = peak.max(next.len());
+            if next.is_empty() {
+                break;
+            }
+            layers.push(next);
         }
-        peak = peak.max(next.len());
-        if next.is_empty() {
-            break;
+        if layers.len() < n + 1 {
+            return Ok(none(nodes, peak));
         }
-        layers.push(next);
-    }
-    if layers.len() < n + 1 {
-        return Ok(none(nodes, peak));
-    }
-    let (bi, best) = layers[n]
-        .iter()
-        .enumerate()
-        .min_by(|a, b| a.1.value.total_cmp(&b.1.value).then(a.1.cost.cmp(&b.1.cost)))
-        .expect("non-empty layer");
-    if best.value >= target {
-        return Ok(none(nodes, peak));
-    }
-    let mut idx = bi;
-    for s in (0..n).rev() {
-        let st = layers[s + 1][idx];
-        choice[free[s].0] = st.opt;
-        idx = st.parent as usize;
-    }
-    let value = fixed_value + best.value;
-    Ok(CoreResult { improved: Some((choice, value)), nodes, peak, free_classes })
+        let (bi, best) = layers[n]
+            .iter()
+            .enumerate()
+            .min_by(|a, b| {
+                a.1.value
+                    .total_cmp(&b.1.value)
+                    .then(a.1.cost.cmp(&b.1.cost))
+            })
+            .expect("non-empty layer");
+        if best.value >= target {
+            return Ok(none(nodes, peak));
+        }
+        let mut idx = bi;
+        for s in (0..n).rev() {
+            let st = layers[s + 1][idx];
+            choice[free[s].0] = st.opt;
+            idx = st.parent as usize;
+        }
+        let value = fixed_value + best.value;
+        Ok(CoreResult {
+            improved: Some((choice, value)),
+            nodes,
+            peak,
+            free_classes,
+        })
     }
 }
 
@@ -258,7 +311,11 @@ impl SuffixLp {
                     .collect()
             })
             .collect();
-        SuffixLp { base_cost, base_value, cum }
+        SuffixLp {
+            base_cost,
+            base_value,
+            cum,
+        }
     }
 
     /// LP lower bound on the value of suffix `s` with `budget` bits, or None if even its
@@ -278,5 +335,10 @@ impl SuffixLp {
 }
 
 fn proven(sol: McSol, lp: f64) -> McSol {
-    McSol { lower_bound: Some(sol.value), lp_bound: Some(lp.min(sol.value)), optimal: true, ..sol }
+    McSol {
+        lower_bound: Some(sol.value),
+        lp_bound: Some(lp.min(sol.value)),
+        optimal: true,
+        ..sol
+    }
 }
