@@ -27,7 +27,8 @@ usage: exl2rs-bench alloc|frontier|anneal [options]
   --samples N           anneal runs per stage (default 80, EXL2's)
   --no-reference        anneal: skip the single-threaded baseline
   --threads N           Rayon threads
-  --json OUT            write the results as JSON";
+  --json OUT            write the results as JSON
+  --dump FILE           write the problem (serde JSON, readable by --problem) and exit";
 
 struct Args {
     model: String,
@@ -42,6 +43,7 @@ struct Args {
     reference: bool,
     threads: Option<usize>,
     json: Option<String>,
+    dump: Option<String>,
 }
 
 fn parse(cmd: &str, a: &[String]) -> Result<Args, String> {
@@ -68,6 +70,7 @@ fn parse(cmd: &str, a: &[String]) -> Result<Args, String> {
         reference: true,
         threads: None,
         json: None,
+        dump: None,
     };
     let mut i = 0;
     let val = |i: &mut usize| -> Result<String, String> {
@@ -89,6 +92,7 @@ fn parse(cmd: &str, a: &[String]) -> Result<Args, String> {
             "--seed" => o.seed = num(val(&mut i)?, "--seed")? as u64,
             "--problem" => o.problem = Some(val(&mut i)?),
             "--json" => o.json = Some(val(&mut i)?),
+            "--dump" => o.dump = Some(val(&mut i)?),
             "--threads" => o.threads = Some(num(val(&mut i)?, "--threads")? as usize),
             "--repeat" => o.repeat = Some(num(val(&mut i)?, "--repeat")?.max(1.0) as usize),
             "--samples" => o.samples = num(val(&mut i)?, "--samples")? as u32,
@@ -171,6 +175,19 @@ pub fn run(cmd: &str, args: &[String]) -> i32 {
             eprintln!("--threads: {e}");
             return 2;
         }
+    }
+    if let Some(path) = &o.dump {
+        let written = load_problem(&o).and_then(|(_, p)| {
+            let text = serde_json::to_string(&p).map_err(|e| e.to_string())?;
+            std::fs::write(path, text).map_err(|e| format!("{path}: {e}"))
+        });
+        return match written {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        };
     }
     let result = match cmd {
         "alloc" => bench_alloc(&o),
