@@ -139,3 +139,50 @@ fn exact_dominates_heuristics_on_medium_instances() {
         }
     }
 }
+
+/// Independent check beyond brute-force sizes: a dense DP over every integer cost (possible only
+/// because these costs are small) must agree with `exact` on 40-item instances.
+#[test]
+fn exact_matches_dense_cost_dp_on_larger_instances() {
+    for seed in 0..200u64 {
+        let mut p = random_problem(seed.wrapping_mul(104_729) + 11, 40, 8);
+        p.groups.clear();
+        let Ok(prep) = exl2rs_core::alloc::Prepared::new(&p, Objective::Weighted) else {
+            continue;
+        };
+        let (lo, hi) = prep.cost_range();
+        let budget = lo + (hi - lo) * (seed % 7 + 1) / 8;
+        // dp[c] = least Σ w·e over the items so far at total cost exactly c.
+        let mut dp = vec![f64::INFINITY; budget as usize + 1];
+        dp[0] = 0.0;
+        for it in &p.items {
+            let mut next = vec![f64::INFINITY; dp.len()];
+            for (c, &v) in dp.iter().enumerate() {
+                if v.is_finite() {
+                    for (k, o) in it.options.iter().enumerate() {
+                        let nc = c + o.bits as usize;
+                        if common::allowed(it, k) && nc < next.len() {
+                            next[nc] = next[nc].min(v + it.weight * o.error);
+                        }
+                    }
+                }
+            }
+            dp = next;
+        }
+        let best = dp.iter().cloned().fold(f64::INFINITY, f64::min);
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        let s = prep
+            .solve(
+                Target::Bits(budget),
+                SolverKind::Exact,
+                &tiny_anneal(),
+                &flag,
+            )
+            .unwrap();
+        assert!(
+            close(s.objective, best),
+            "seed {seed}: exact {} vs dense DP {best}",
+            s.objective
+        );
+    }
+}
