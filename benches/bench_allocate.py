@@ -52,18 +52,21 @@ def main() -> None:
     rows = []
     for t in TARGETS:
         times: dict[str, float] = {}
+        cpu: dict[str, float] = {}
         objs: dict[str, float] = {}
         for solver in ("exact", "greedy", "lagrangian", "anneal"):
             reps = args.anneal_repeat if solver == "anneal" else args.repeat
-            ts = []
+            ts, cs = [], []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 s = problem.solve(target_bpw=t, solver=solver)
                 ts.append(time.perf_counter() - t0)
+                cs.append(time.process_time() - c0)
                 assert s.cost_bits <= s.budget_bits
             times[solver] = statistics.median(ts)
+            cpu[solver] = statistics.median(cs)
             objs[solver] = s.objective
-        rows.append({"target": t, "median_s": times, "objective": objs})
+        rows.append({"target": t, "median_s": times, "median_cpu_s": cpu, "objective": objs})
 
     print(
         f"{'bpw':>5} {'exact ms':>9} {'greedy ms':>10} {'lagr ms':>8} {'anneal ms':>10} "
@@ -78,7 +81,8 @@ def main() -> None:
             f"{r['objective']['anneal'] / r['objective']['exact']:17.4f}"
         )
     worst = max(r["median_s"]["exact"] for r in rows) * 1e3
-    print(f"slowest exact re-solve: {worst:.2f} ms (goal < 5 ms)")
+    worst_cpu = max(r["median_cpu_s"]["exact"] for r in rows) * 1e3
+    print(f"slowest exact re-solve: {worst:.2f} ms wall, {worst_cpu:.2f} ms CPU (goal < 5 ms)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_s": load_s, "build_s": build_s, "rows": rows}, indent=1))
 

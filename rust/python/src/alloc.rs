@@ -11,6 +11,7 @@ use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 #[pyclass(name = "Problem", module = "exl2rs._core", frozen)]
@@ -330,7 +331,14 @@ impl PyProblem {
             anneal_iterations,
         )?;
         let prep = self.prepared(cfg.objective)?;
-        let sol = cancel::run(py, |c| prep.solve(target, cfg.solver, &cfg.anneal, c))?;
+        let sol = if cfg.solver == SolverKind::Anneal {
+            cancel::run(py, |c| prep.solve(target, cfg.solver, &cfg.anneal, c))?
+        } else {
+            // The other solvers take milliseconds: solve on this thread (GIL released) rather
+            // than pay a thread hand-off, which costs whole scheduler slices on a busy machine.
+            let never = AtomicBool::new(false);
+            py.detach(|| prep.solve(target, cfg.solver, &cfg.anneal, &never))
+        };
         sol.map(PySolution::from).map_err(to_py)
     }
 
