@@ -89,17 +89,46 @@ pub(crate) fn check_codes(
 /// `[rows·bits/32, cols]` words. `rows` must be a multiple of [`rows_per_block`].
 pub fn pack_columns(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>> {
     check_bits("pack_columns", bits, &EXL2_BITS)?;
+    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
+    pack_columns_to(codes, rows, cols, bits, &mut out)?;
+    Ok(out)
+}
+
+/// [`pack_columns`] into a caller-provided `out` of `[rows·bits/32, cols]` words (lets the
+/// caller reuse buffers or hand in memory it allocated, e.g. a NumPy array).
+pub fn pack_columns_to(
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    out: &mut [i32],
+) -> Result<()> {
+    check_bits("pack_columns", bits, &EXL2_BITS)?;
     check_len("codes", codes.len(), &[rows, cols])?;
     check_block_rows("codes", rows, bits)?;
+    check_len("out", out.len(), &[rows * bits as usize / 32, cols])?;
     check_codes("codes", codes, cols, bits, 0)?;
-    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    pack_columns_into(codes, cols, bits, &mut out);
-    Ok(out)
+    pack_columns_into(codes, cols, bits, out);
+    Ok(())
 }
 
 /// Unpacks `[qrows, cols]` words of `bits`-bit codes into `[qrows·32/bits, cols]` codes.
 /// `qrows` must be a multiple of [`words_per_block`].
 pub fn unpack_columns(packed: &[i32], qrows: usize, cols: usize, bits: u32) -> Result<Vec<u8>> {
+    check_bits("unpack_columns", bits, &EXL2_BITS)?;
+    let mut out = vec![0u8; qrows * 32 / bits as usize * cols];
+    unpack_columns_to(packed, qrows, cols, bits, &mut out)?;
+    Ok(out)
+}
+
+/// [`unpack_columns`] into a caller-provided `out` of `[qrows·32/bits, cols]` codes.
+pub fn unpack_columns_to(
+    packed: &[i32],
+    qrows: usize,
+    cols: usize,
+    bits: u32,
+    out: &mut [u8],
+) -> Result<()> {
     check_bits("unpack_columns", bits, &EXL2_BITS)?;
     check_len("packed", packed.len(), &[qrows, cols])?;
     let wpb = words_per_block(bits);
@@ -110,9 +139,9 @@ pub fn unpack_columns(packed: &[i32], qrows: usize, cols: usize, bits: u32) -> R
             expected: format!("a row count that is a multiple of {wpb} for {bits}-bit codes"),
         });
     }
-    let mut out = vec![0u8; qrows * 32 / bits as usize * cols];
-    unpack_columns_into(packed, cols, bits, &mut out);
-    Ok(out)
+    check_len("out", out.len(), &[qrows * 32 / bits as usize, cols])?;
+    unpack_columns_into(packed, cols, bits, out);
+    Ok(())
 }
 
 pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> Result<()> {
