@@ -29,12 +29,13 @@ fixtures: build
 demo: setup
 	$(PY) -m exl2rs.demo
 
-lint: deps
+lint: build
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy python/exl2rs
+	$(VENV)/bin/python -m mypy.stubtest exl2rs._core
 
 test-rust:
 	# the bindings crate is a Python extension (no libpython to link a test binary against)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,6 +11,15 @@ import torch
 from exl2rs import gptq
 from exl2rs.errors import Exl2Error, HessianError, NonFiniteError
 from exl2rs.qparams import QParams
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Small torch ops stall badly in a 2-thread pool on a shared 2-core machine.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def _calib(k: int, tokens: int, seed: int) -> torch.Tensor:
@@ -188,3 +198,18 @@ def test_bad_shapes_and_empty_hessian() -> None:
     qp = QParams(bits=(4,), bits_prop=(1.0,), group_size=(32,))
     with pytest.raises(ValueError, match="o_proj: weight shape"):
         gptq.quantize(torch.ones(4, 12), prepared, qp, name="o_proj")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    w, prepared = layer
+    qp = QParams(bits=(5, 4), bits_prop=(0.1, 0.9), group_size=(32, 64))
+    cpu = gptq.quantize(w, prepared, qp)
+    on_gpu = gptq.prepare(prepared.hessian.cuda(), name="test.layer")
+    gpu = gptq.quantize(w.cuda(), on_gpu, qp)
+    assert gpu.weight.device.type == "cuda"
+    assert torch.equal(gptq.dequantize(gpu), gpu.weight)
+    assert (gpu.codes.cpu() == cpu.codes).float().mean().item() > 0.99
+    assert gpu.err == pytest.approx(cpu.err, rel=1e-2)

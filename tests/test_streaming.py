@@ -132,6 +132,12 @@ def test_block_api(tiny_llama_dir: Path) -> None:
         assert linear.weight.dtype == torch.float32
         torch.testing.assert_close(linear.weight, weights[name + ".weight"], rtol=0, atol=0)
     assert all(not p.requires_grad for p in block.parameters())
+    with pytest.raises(ModelError, match="not a decoder linear name"):
+        model.linear(block, "lm_head")
+    with pytest.raises(ModelError, match="no such submodule"):
+        model.linear(block, "model.layers.1.self_attn.x_proj")
+    with pytest.raises(ModelError, match="is LlamaRMSNorm, not nn.Linear"):
+        model.linear(block, "model.layers.1.input_layernorm")
     with pytest.raises(ModelError, match=r"layer index 2 out of range \[0, 2\)"):
         model.load_block(2)
     with pytest.raises(ModelError, match="expected states"):
@@ -270,3 +276,30 @@ def test_peak_memory_depends_on_width_not_depth(smollm2_dir: Path) -> None:
     # 28 more layers are ~390 MB of fp32 weights; streaming must not hold them.
     growth = _peak_rss(deep) - _peak_rss(shallow)
     assert growth < layer_bytes / 4, (growth, layer_bytes)
+
+
+@pytest.mark.cuda
+def test_cuda_blocks_with_cpu_states(tiny_llama_dir: Path) -> None:
+    ids = torch.randint(0, 49152, (3, 32), generator=torch.Generator().manual_seed(4))
+    model = StreamingModel(tiny_llama_dir, device="cuda", chunk_tokens=32)
+    states = model.embed(ids)
+    block = model.load_block(0)
+    assert next(block.parameters()).is_cuda
+    out = model.block_forward(block, 0, states)
+    assert out.device.type == "cpu"  # states stay where the caller keeps them
+    torch.testing.assert_close(
+        model.logits(ids), StreamingModel(tiny_llama_dir).logits(ids), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_half_precision_checkpoint_runs_in_fp32(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(
+        tmp_path
+    )
+    model = StreamingModel(tmp_path)
+    block = model.load_block(0)
+    assert {p.dtype for p in block.parameters()} == {torch.float32}
+    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(model.logits(ids), hf_logits(tmp_path, ids), atol=1e-5, rtol=1e-5)

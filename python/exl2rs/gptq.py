@@ -46,8 +46,8 @@ MAX_DAMP_RETRIES = 10
 # EXL2's clip-multiplier grid: 97 points linear in [0.70, 1.20].
 P_GRID = torch.linspace(0.70, 1.20, 97, dtype=torch.float64).tolist()
 EXL2_NORM = 3.5
-# Rows of the lazy-batch block: whole groups are gathered until the block reaches this size.
-LAZY_BLOCK_ROWS = 128
+# Rows per lazy-batch block: rank-1 updates stay inside it, everything else is one matmul.
+LAZY_BLOCK_ROWS = 32
 
 ScaleSearch = Literal["hessian", "exl2"]
 
@@ -217,68 +217,76 @@ class QuantResult:
 
 
 def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(Δ H Δᵀ)`` for ``Δ : [N, K]`` (accumulated in fp64 to keep small errors exact)."""
-    return float(((delta.to(torch.float64) @ hessian.to(torch.float64)) * delta).sum())
+    """``tr(Δ H Δᵀ)`` for ``Δ : [N, K]`` (fp32 product, fp64 final sum)."""
+    return float(((delta @ hessian) * delta).sum(dtype=torch.float64))
 
 
 def _group_scales(
-    x: torch.Tensor, bits: torch.Tensor, row_weight: torch.Tensor, mode: ScaleSearch
+    x: torch.Tensor, bits: int, row_weight: torch.Tensor, mode: ScaleSearch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale codes ``qs+1 ∈ [1, 16]`` ``[S, N]`` and fp16 ``scale_max`` ``[S]`` for ``S`` groups.
 
-    ``x : [S, rows, N]`` holds one group of each of ``S`` configs (same rows, ``bits : [S]``).
+    ``x : [S, rows, N]`` holds one group of each of ``S`` configs (same rows and bits).
     ``exl2``: EXL2's rule — sqrt-companded codes from the per-column max and one clip multiplier
     per group from 97 points in [0.70, 1.20], chosen on the unweighted ``Σ|err|^3.5``.
     ``hessian``: the multiplier is scored by ``Σ_r err_r² / U_rr²`` — the loss GPTQ incurs on row
     ``r`` (Uᵀ U = H⁻¹) — coarse-to-fine over the same grid, then each column's code is refined by
     ±1 on that loss (columns are independent once ``scale_max`` is fixed).
     """
-    maxq = ((1 << bits) - 1).to(x.dtype)  # [S]
-    zero = (1 << (bits - 1)).to(x.dtype)
-    base = (x.abs().amax(dim=1) + 1e-12) / (maxq[:, None] / 2)  # [S, N]
+    maxq = (1 << bits) - 1
+    zero = 1 << (bits - 1)
+    base = (x.abs().amax(dim=1) + 1e-12) / (maxq / 2)  # [S, N]
     smax_t = base.amax(dim=1)  # [S]
     q16 = torch.clamp(torch.round(torch.sqrt(base / smax_t[:, None]) * 16), 1, 16)
     grid = torch.tensor(P_GRID, dtype=x.dtype, device=x.device)
     s_count = x.shape[0]
 
+    lo, hi = float(-zero), float(maxq - zero)
+    q2 = (q16 * q16)[:, None, :]  # [S, 1, N]
+
+    def cost_of(scale: torch.Tensor) -> torch.Tensor:
+        """Per-column cost ``[S, P, N]`` of scales ``[S, P, N]``.
+
+        The error factors as ``(round(t) − t) · scale`` with ``t = x / scale``, so the row sum
+        runs on the unit-free residual and the scale power is applied once per column.
+        """
+        t = x[:, None] * (1.0 / scale)[:, :, None, :]  # [S, P, rows, N]
+        d = torch.round(t).clamp_(lo, hi).sub_(t)
+        if mode == "exl2":
+            return d.abs_().pow_(EXL2_NORM).sum(dim=2) * scale.pow(EXL2_NORM)
+        return torch.matmul(row_weight, d.square_()) * scale.square()
+
     def costs(p_idx: torch.Tensor) -> torch.Tensor:
         """Cost ``[S, len]`` of the multipliers ``grid[p_idx]`` (``p_idx : [S, len]``)."""
         out = []
-        per = max(1, (1 << 23) // max(1, x[0].numel() * s_count))
+        per = max(1, (1 << 20) // max(1, x[0].numel() * s_count))
         for c0 in range(0, p_idx.shape[1], per):
             sm = _fp16(grid[p_idx[:, c0 : c0 + per]] * smax_t[:, None])  # [S, P]
-            scale = (q16 * q16)[:, None, None, :] * sm[:, :, None, None] / 256
-            err = _rtn(x[:, None], scale, zero[:, None, None, None], maxq[:, None, None, None])
-            err -= x[:, None]
-            if mode == "exl2":
-                out.append(err.abs_().pow_(EXL2_NORM).sum(dim=(2, 3)))
-            else:
-                err.mul_(err).mul_(row_weight[None, None, :, None])
-                out.append(err.sum(dim=(2, 3)))
+            out.append(cost_of(q2 * sm[:, :, None] / 256).sum(dim=2))
         return torch.cat(out, dim=1)
 
     n_grid = len(P_GRID)
     if mode == "exl2":
         idx = torch.arange(n_grid, device=x.device).expand(s_count, n_grid)
     else:
-        coarse = torch.arange(0, n_grid, 8, device=x.device).expand(s_count, -1)
-        best = coarse.gather(1, torch.argmin(costs(coarse), dim=1, keepdim=True))
-        idx = (best + torch.arange(-7, 8, device=x.device)[None, :]).clamp(0, n_grid - 1)
+        # Coarse to fine: every 16th point, then a bracket of ±8, ±4, ±2, ±1 around the best.
+        idx = torch.arange(0, n_grid, 16, device=x.device).expand(s_count, -1)
+        cost = costs(idx)
+        for step in (8, 4, 2):
+            j = torch.argmin(cost, dim=1, keepdim=True)
+            best, best_cost = idx.gather(1, j), cost.gather(1, j)
+            pair = (best + torch.tensor([-step, step], device=x.device)[None, :]).clamp(
+                0, n_grid - 1
+            )
+            idx, cost = torch.cat([best, pair], 1), torch.cat([best_cost, costs(pair)], 1)
+        j = torch.argmin(cost, dim=1, keepdim=True)
+        best = idx.gather(1, j)
+        idx = (best + torch.tensor([-1, 0, 1], device=x.device)[None, :]).clamp(0, n_grid - 1)
     best_i = idx.gather(1, torch.argmin(costs(idx), dim=1, keepdim=True))[:, 0]
     smax = _fp16(grid[best_i] * smax_t)  # [S]
     if mode == "hessian":
         cands = torch.stack([q16 - 1, q16, q16 + 1], dim=1).clamp(1, 16)  # [S, 3, N]
-        scale = cands * cands * smax[:, None, None] / 256
-        err = (
-            _rtn(
-                x[:, None],
-                scale[:, :, None, :],
-                zero[:, None, None, None],
-                maxq[:, None, None, None],
-            )
-            - x[:, None]
-        )
-        cost = (err * err * row_weight[None, None, :, None]).sum(dim=2)  # [S, 3, N]
+        cost = cost_of(cands * cands * smax[:, None, None] / 256)  # [S, 3, N]
         q16 = cands.gather(1, torch.argmin(cost, dim=1, keepdim=True))[:, 0]
     return q16, smax
 
@@ -407,7 +415,9 @@ def quantize_many(
                 e = (x - qh) / u[r, r]
                 errs[:, lr] = e
                 if r + 1 < b1:
-                    block[:, lr + 1 :].sub_(u[r, r + 1 : b1][None, :, None] * e[:, None, :])
+                    col = u[r, r + 1 : b1, None].expand(c_count, -1, 1)
+                    rest = block[:, lr + 1 :]
+                    rest.baddbmm_(col, e[:, None, :], alpha=-1.0)
         if error_feedback and b1 < k:
             work[:, b1:].sub_(torch.matmul(u[b0:b1, b1:].T, errs))
 
@@ -448,13 +458,13 @@ def _start_groups(
     cur_zero: torch.Tensor,
     cur_maxq: torch.Tensor,
 ) -> None:
-    """Find scales for every config whose next group starts at row ``r``, batched by group size."""
-    by_rows: dict[int, list[tuple[int, int]]] = {}
+    """Find scales for every config whose next group starts at row ``r``, batched by shape."""
+    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for ci, gi in starting:
-        by_rows.setdefault(layouts[ci][gi][2], []).append((ci, gi))
-    for rows, members in by_rows.items():
+        bits, _, rows = layouts[ci][gi]
+        by_shape.setdefault((rows, bits), []).append((ci, gi))
+    for (rows, bits), members in by_shape.items():
         cis = torch.tensor([ci for ci, _ in members], device=work.device)
-        bits = torch.tensor([layouts[ci][gi][0] for ci, gi in members], device=work.device)
         end = r + rows
         x = work[cis, r:end].clone()  # [S, rows, N]
         if end > b1:

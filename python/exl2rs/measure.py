@@ -46,11 +46,6 @@ __all__ = ["FORMAT", "VERSION", "add_arguments", "measure", "run", "to_exllamav2
 FORMAT = "exl2rs.measurement"
 VERSION = 1
 JOB_FORMAT = "exl2rs.measure-job"
-# Linears that read one input and therefore share a Hessian and its factorisation.
-FUSED_KINDS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-)
 ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 # exllamav2 aborts when the best row of a module is this inaccurate ("Measurement/inference error").
@@ -202,31 +197,53 @@ def default_candidates(
 class _Linear:
     full_name: str  # model.layers.0.self_attn.q_proj
     rel_name: str  # self_attn.q_proj (inside the block)
-    kind: str  # q_proj
+    kind: str  # EXL2's name: q_proj … down_proj
     module: str  # self_attn
 
 
-def _shared_input_name(module_full: str, kinds: Sequence[str]) -> str:
-    if len(kinds) == 1:
-        return f"{module_full}.{kinds[0]}"
-    short = [k.removesuffix("_proj") for k in kinds]
-    joined = "".join(short) if all(len(s) == 1 for s in short) else "_".join(short)
-    return f"{module_full}.{joined}"
+@dataclass(frozen=True)
+class _Group:
+    """Linears reading one input: one Hessian, one factorisation."""
+
+    shared_input: str  # model.layers.0.self_attn.qkv
+    members: tuple[_Linear, ...]
 
 
-def _input_groups(linears: Sequence[_Linear]) -> list[list[_Linear]]:
-    """Linears of one module grouped by shared input: (q,k,v), (o), (gate,up), (down)."""
-    by_kind = {lin.kind: lin for lin in linears}
-    groups: list[list[_Linear]] = []
-    used: set[str] = set()
-    for fused in FUSED_KINDS:
-        if all(k in by_kind for k in fused):
-            groups.append([by_kind[k] for k in fused])
-            used.update(fused)
-    groups.extend([lin] for lin in linears if lin.kind not in used)
-    order = {lin.kind: i for i, lin in enumerate(linears)}
-    groups.sort(key=lambda g: order[g[0].kind])
-    return groups
+@dataclass(frozen=True)
+class _Module:
+    kind: str  # "self_attn" | "mlp" (EXL2's module kinds)
+    full_name: str  # model.layers.0.self_attn
+    groups: tuple[_Group, ...]
+
+    @property
+    def linears(self) -> list[_Linear]:
+        return [lin for g in self.groups for lin in g.members]
+
+
+def _layer_plan(adapter: Any, layer: int) -> list[_Module]:
+    """Attention then MLP of ``layer``, their linears under EXL2's kind names, grouped by input."""
+    base = adapter.layer_name(layer)
+    plan = []
+    for kind, sub, names, exl2_names in (
+        ("self_attn", adapter.attn_module, adapter.attn_linears, ATTN_KINDS),
+        ("mlp", adapter.mlp_module, adapter.mlp_linears, MLP_KINDS),
+    ):
+        if len(names) != len(exl2_names):
+            raise UnsupportedArchitectureError(
+                f"{adapter.family}: {sub} has linears {list(names)}; measurement needs the "
+                f"{len(exl2_names)} of EXL2's {kind} ({', '.join(exl2_names)})"
+            )
+        to_kind = dict(zip(names, exl2_names, strict=True))
+        groups = []
+        for g in adapter.groups:
+            if g.module != sub:
+                continue
+            members = tuple(
+                _Linear(f"{base}.{sub}.{n}", f"{sub}.{n}", to_kind[n], sub) for n in g.linears
+            )
+            groups.append(_Group(f"{base}.{sub}.{g.name}", members))
+        plan.append(_Module(kind, f"{base}.{sub}", tuple(groups)))
+    return plan
 
 
 def _weight(block: torch.nn.Module, rel_name: str) -> torch.Tensor:
@@ -255,50 +272,41 @@ def _relative_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> float:
 
 def _measure_module(
     *,
-    sm: Any,
     block: torch.nn.Module,
     layer: int,
-    module_full: str,
-    module_kind: str,
-    linears: list[_Linear],
+    module: _Module,
     table: list[dict[str, QParams]],
     cands: CandidateSet,
     states: torch.Tensor,
     forward: Callable[[torch.nn.Module, int, torch.Tensor], torch.Tensor],
     config_index: Callable[[QParams], int],
     device: torch.device,
-    tick: Callable[[str], None],
+    tick: Callable[[str, int], None],
 ) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
     """Measure one module; returns its reference output, linear records and module record."""
-    groups = _input_groups(linears)
+    module_full = module.full_name
     hessians: dict[str, gptq.Hessian] = {}
     with ExitStack() as stack:
-        for group in groups:
-            head = group[0]
-            lin_mod = block.get_submodule(head.rel_name)
+        for group in module.groups:
+            head = group.members[0]
             in_features = int(_weight(block, head.rel_name).shape[1])
-            hess = gptq.Hessian(
-                in_features,
-                name=_shared_input_name(module_full, [g.kind for g in group]),
-                device=device,
-            )
-            hessians[head.kind] = hess
-            stack.enter_context(_hooked(lin_mod, _HessianHook(hess)))
+            hess = gptq.Hessian(in_features, name=group.shared_input, device=device)
+            hessians[group.shared_input] = hess
+            stack.enter_context(_hooked(block.get_submodule(head.rel_name), _HessianHook(hess)))
         with torch.no_grad():
             y_ref = forward(block, layer, states)
     gptq._check_finite(y_ref, f"{module_full}: reference output")
-    tick(f"{module_kind} reference")
+    tick(f"{module.kind} reference", 0)
 
     # Quantize every linear to every candidate of its input group (union over fused members).
     weights: dict[str, torch.Tensor] = {}
     fake: dict[tuple[str, str], torch.Tensor] = {}
     records: list[dict[str, Any]] = []
-    for group in groups:
-        kinds = [g.kind for g in group]
-        hess = hessians[group[0].kind]
+    for group in module.groups:
+        hess = hessians[group.shared_input]
         prepared = gptq.prepare(hess)
-        configs = cands.for_group(kinds)
-        for lin in group:
+        configs = cands.for_group([m.kind for m in group.members])
+        for lin in group.members:
             w = _weight(block, lin.rel_name).detach().to(torch.float32)
             weights[lin.kind] = w.clone()
             results = gptq.quantize_many(w, prepared, configs, name=lin.full_name)
@@ -321,17 +329,17 @@ def _measure_module(
                     "kind": lin.kind,
                     "in_features": in_f,
                     "out_features": out_f,
-                    "shared_input": hess.name,
+                    "shared_input": group.shared_input,
                     "ref_energy": gptq.weighted_error(w, prepared.hessian),
                     "samples": hess.count,
                     "options": options,
                 }
             )
-            tick(f"{lin.kind} x{len(configs)}")
+            tick(f"{lin.kind} x{len(configs)}", len(configs))
         del prepared
 
     # EXL2's joint rows on the same reference inputs.
-    by_kind = {lin.kind: lin for lin in linears}
+    by_kind = {lin.kind: lin for lin in module.linears}
     rows_out: list[dict[str, Any]] = []
     try:
         for row in table:
@@ -363,7 +371,7 @@ def _measure_module(
                     "configs": {kind: config_index(q) for kind, q in row.items()},
                 }
             )
-            tick(f"{module_kind} row")
+            tick(f"{module.kind} row", 0)
     finally:
         for kind, w in weights.items():
             dst = _weight(block, by_kind[kind].rel_name)
@@ -375,7 +383,7 @@ def _measure_module(
             f"{max(r['accuracy'] for r in rows_out):.4g} < {MIN_BEST_ACCURACY}: the module output "
             "is unstable (overflow or a broken forward)"
         )
-    return y_ref, records, {"name": module_full, "kind": module_kind, "rows": rows_out}
+    return y_ref, records, {"name": module_full, "kind": module.kind, "rows": rows_out}
 
 
 class _hooked:
@@ -388,34 +396,6 @@ class _hooked:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
-
-
-def _layer_linears(sm: Any, layer: int) -> dict[str, list[_Linear]]:
-    """The layer's linears by module name ("self_attn", "mlp"), in the adapter's order."""
-    names: list[str] = list(sm.linear_names(layer))
-    out: dict[str, list[_Linear]] = {}
-    marker = f".{layer}."
-    for full in names:
-        prefix_end = full.find(marker)
-        if prefix_end < 0:
-            raise ModelError(f"{full}: linear name lacks the layer index {layer}")
-        rel = full[prefix_end + len(marker) :]
-        parts = rel.split(".")
-        lin = _Linear(full, rel, parts[-1], ".".join(parts[:-1]))
-        out.setdefault(lin.module, []).append(lin)
-    return out
-
-
-def _module_kind(linears: Sequence[_Linear]) -> str:
-    kinds = {lin.kind for lin in linears}
-    if kinds <= set(ATTN_KINDS):
-        return "self_attn"
-    if kinds <= set(MLP_KINDS):
-        return "mlp"
-    raise UnsupportedArchitectureError(
-        f"module {linears[0].module!r} has linears {sorted(kinds)}; measurement knows attention "
-        f"{ATTN_KINDS} and MLP {MLP_KINDS}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +449,20 @@ def _write_job(job_dir: Path, job: dict[str, Any]) -> None:
 # Public entry point
 
 
+def _check_tokens(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    if tokens.ndim != 2 or tokens.numel() == 0 or tokens.dtype.is_floating_point:
+        raise CalibrationError(
+            f"calibration tensor: expected integer token ids [rows, length], got "
+            f"{tokens.dtype} {tuple(tokens.shape)}"
+        )
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab:
+        raise CalibrationError(
+            f"calibration tensor: token ids span [{lo}, {hi}], vocabulary has {vocab}"
+        )
+    return tokens.to(torch.int64)
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -477,7 +471,7 @@ def measure(
     model_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
-    calibration: str | os.PathLike[str] = "default",
+    calibration: str | os.PathLike[str] | torch.Tensor = "default",
     rows: int = 16,
     length: int = 2048,
     device: str | torch.device | None = None,
@@ -486,29 +480,85 @@ def measure(
     write_exllamav2: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool = True,
+    threads: int | None = None,
     on_layer_done: Callable[[int], None] | None = None,
 ) -> Path:
     """Measure ``model_dir`` and write the native measurement file to ``out_path``.
+
+    ``calibration`` is a source for :func:`exl2rs.calibration.load_rows` (``rows`` × ``length``
+    tokens), or token ids ``LongTensor[rows, length]`` used as given.
 
     ``candidates`` replaces the config set of the named linear kinds (default: EXL2's per-matrix
     sets). ``write_exllamav2`` also writes exllamav2's ``measurement.json`` (converted in Python
     from the native object). The job dir (default ``<out_path>.job``) holds the per-layer
     checkpoint; a rerun with the same model, calibration and candidates resumes from it.
+    ``threads`` sets torch's CPU threads for the run (restored after): on a shared machine one
+    thread avoids the thread-pool stalls that make small ops orders of magnitude slower.
     ``on_layer_done(i)`` runs after layer ``i`` is checkpointed.
     """
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        return _measure(
+            Path(model_dir),
+            Path(out_path),
+            calibration=calibration,
+            rows=rows,
+            length=length,
+            device=device,
+            job_dir=job_dir,
+            candidates=candidates,
+            write_exllamav2=write_exllamav2,
+            seed=seed,
+            progress=progress,
+            on_layer_done=on_layer_done,
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _measure(
+    model_dir: Path,
+    out_path: Path,
+    *,
+    calibration: str | os.PathLike[str] | torch.Tensor,
+    rows: int,
+    length: int,
+    device: str | torch.device | None,
+    job_dir: str | os.PathLike[str] | None,
+    candidates: Mapping[str, Sequence[QParams]] | None,
+    write_exllamav2: str | os.PathLike[str] | None,
+    seed: int,
+    progress: bool,
+    on_layer_done: Callable[[int], None] | None,
+) -> Path:
     from tqdm.auto import tqdm
 
-    from exl2rs.calibration import load_rows
     from exl2rs.streaming import StreamingModel
 
-    model_dir = Path(model_dir)
-    out_path = Path(out_path)
     if rows <= 0 or length <= 0:
         raise CalibrationError(f"rows and length must be positive, got {rows} x {length}")
     dev = torch.device(device if device is not None else _default_device())
     torch.manual_seed(seed)
     sm = StreamingModel(model_dir, device=str(dev))
-    tokens = load_rows(calibration, sm.tokenizer, rows, length, seed=seed)
+    if isinstance(calibration, torch.Tensor):
+        tokens = _check_tokens(calibration, int(sm.config.vocab_size))
+        rows, length = int(tokens.shape[0]), int(tokens.shape[1])
+        source = "tensor"
+    else:
+        from exl2rs.calibration import load_rows
+
+        tokens = load_rows(
+            calibration if isinstance(calibration, str) else Path(calibration),
+            sm.tokenizer,
+            rows,
+            length,
+            seed=seed,
+        )
+        source = str(calibration)
     cands = default_candidates(candidates)
     num_layers = int(sm.num_layers)
     header = _job_header(
@@ -556,42 +606,34 @@ def measure(
         for layer in range(start_layer, num_layers):
             t0 = time.perf_counter()
             block = sm.load_block(layer)
-            by_module = _layer_linears(sm, layer)
+            plan = _layer_plan(sm.adapter, layer)
             steps = sum(
-                len(cands.for_group([g.kind for g in grp]))
-                for lins in by_module.values()
-                for grp in _input_groups(lins)
+                len(cands.for_group([m.kind for m in g.members])) * len(g.members)
+                for mod in plan
+                for g in mod.groups
             )
             inner = tqdm(total=steps, desc=f"layer {layer}", leave=False, disable=not progress)
 
-            def tick(what: str, inner: Any = inner) -> None:
+            def tick(what: str, done: int, inner: Any = inner) -> None:
                 inner.set_postfix_str(what, refresh=False)
-                inner.update(0)
+                inner.update(done)
 
-            for module_name, lins in by_module.items():
-                kind = _module_kind(lins)
-                module_full = lins[0].full_name.rsplit(".", 1)[0]
-                forward = sm.attn_forward if kind == "self_attn" else sm.mlp_forward
-                table = cands.attn_rows if kind == "self_attn" else cands.mlp_rows
-                states, recs, mod = _measure_module(
-                    sm=sm,
+            for module in plan:
+                attn = module.kind == "self_attn"
+                states, recs, mod_rec = _measure_module(
                     block=block,
                     layer=layer,
-                    module_full=module_full,
-                    module_kind=kind,
-                    linears=lins,
-                    table=table,
+                    module=module,
+                    table=cands.attn_rows if attn else cands.mlp_rows,
                     cands=cands,
                     states=states,
-                    forward=forward,
+                    forward=sm.attn_forward if attn else sm.mlp_forward,
                     config_index=config_index,
                     device=dev,
                     tick=tick,
                 )
-                del module_name
                 linears_out.extend(recs)
-                modules_out.append(mod)
-                inner.update(sum(len(r["options"]) for r in recs))
+                modules_out.append(mod_rec)
             inner.close()
             del block
             states_name = f"states-{layer + 1:05d}.safetensors"
@@ -630,7 +672,7 @@ def measure(
             "hash": header["calibration_hash"],
             "rows": rows,
             "length": length,
-            "source": str(calibration),
+            "source": source,
         },
         "candidates_hash": header["candidates_hash"],
         "configs": configs,
@@ -717,6 +759,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--job-dir", default=None, help="checkpoint folder (default: <out>.job); reruns resume"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -733,6 +776,7 @@ def run(args: argparse.Namespace) -> int:
             write_exllamav2=args.exllamav2,
             seed=args.seed,
             progress=not args.no_progress,
+            threads=args.threads,
         )
     except Exl2Error as exc:
         print(f"exl2rs measure: error: {exc}", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,8 @@ _Context = tuple[Any, Any, torch.Tensor]  # (position_embeddings, attention mask
 
 def _check_finite(tensor: torch.Tensor, what: str) -> None:
     # A sum is much faster than an elementwise test and is NaN/inf whenever any element is;
-    # only then (or on a genuine overflow of the sum) is the exact count computed.
-    if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+    # only then (or when a finite sum overflows) is the exact count computed.
+    if bool(torch.isfinite(tensor.sum())):
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
@@ -183,8 +182,13 @@ class StreamingModel:
     def linear(self, block: nn.Module, name: str) -> nn.Linear:
         """The ``nn.Linear`` of ``block`` with full name ``name`` (as from :meth:`linear_names`)."""
         layer_prefix = f"{self.adapter.layer_prefix}."
+        if not name.startswith(layer_prefix) or name.count(".") < layer_prefix.count(".") + 1:
+            raise ModelError(f"{name!r} is not a decoder linear name under {layer_prefix}")
         relative = name[len(layer_prefix) :].split(".", 1)[-1]
-        module = block.get_submodule(relative)
+        try:
+            module = block.get_submodule(relative)
+        except AttributeError as exc:
+            raise ModelError(f"{name}: no such submodule in the decoder block") from exc
         if not isinstance(module, nn.Linear):
             raise ModelError(f"{name} is {type(module).__name__}, not nn.Linear")
         return module
@@ -277,13 +281,16 @@ class StreamingModel:
         seq = x.shape[1]
         layer_type = self.adapter.layer_type(self.config, i)
         position_ids = torch.arange(seq, device=x.device).unsqueeze(0)
-        key = (seq, layer_type)
+        rope_type = layer_type if self.adapter.rope_per_layer_type else ""
+        key = (seq, rope_type)
         if key not in self._rope_cache:
             if self.adapter.rope_per_layer_type:
                 rope = self._rotary(x, position_ids, layer_type)
             else:
                 rope = self._rotary(x, position_ids)
-            self._rope_cache = {key: rope}  # one sequence length at a time is the norm
+            # Keep only the current sequence length: callers use one length at a time.
+            self._rope_cache = {k: v for k, v in self._rope_cache.items() if k[0] == seq}
+            self._rope_cache[key] = rope
         make_mask = (
             create_sliding_window_causal_mask
             if layer_type == "sliding_attention"
@@ -404,9 +411,3 @@ class StreamingModel:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-model fp32 logits ``[rows, seq, vocab]`` computed block by block."""
         return self.head_logits(self.final_states(input_ids))
-
-
-def fp32_nbytes_per_layer(model: StreamingModel) -> int:
-    """Bytes of one decoder layer's weights in fp32 (for memory planning and tests)."""
-    meta = model._meta_layers[0]
-    return sum(4 * math.prod(t.shape) for t in meta.state_dict().values())

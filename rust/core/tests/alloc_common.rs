@@ -5,7 +5,7 @@ use exl2rs_core::alloc::{Item, Objective, Opt, Problem};
 /// splitmix64: a tiny deterministic generator for building instances from a proptest seed.
 pub struct Gen(pub u64);
 impl Gen {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -13,10 +13,10 @@ impl Gen {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
     pub fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     pub fn chance(&mut self, p: f64) -> bool {
         self.unit() < p
@@ -40,7 +40,11 @@ pub fn random_problem(seed: u64, max_items: u64, max_opts: u64) -> Problem {
             .map(|j| Opt {
                 bits: 1 + g.below(8 * numel),
                 // Some exact ties and zeros, to exercise tie-breaking.
-                error: if g.chance(0.1) { 0.0 } else { (g.below(50) as f64) * 0.37 + g.unit() * 0.01 },
+                error: if g.chance(0.1) {
+                    0.0
+                } else {
+                    (g.below(50) as f64) * 0.37 + g.unit() * 0.01
+                },
                 config: pool[j],
             })
             .collect::<Vec<_>>();
@@ -88,7 +92,10 @@ pub fn allowed(it: &Item, k: usize) -> bool {
 /// Whether a full choice vector satisfies every constraint except the budget.
 pub fn respects_constraints(p: &Problem, choice: &[usize]) -> bool {
     choice.len() == p.items.len()
-        && p.items.iter().zip(choice).all(|(it, &k)| k < it.options.len() && allowed(it, k))
+        && p.items
+            .iter()
+            .zip(choice)
+            .all(|(it, &k)| k < it.options.len() && allowed(it, k))
         && p.groups.iter().all(|g| {
             let c = p.items[g[0]].options[choice[g[0]]].config;
             g.iter().all(|&m| p.items[m].options[choice[m]].config == c)
@@ -96,7 +103,11 @@ pub fn respects_constraints(p: &Problem, choice: &[usize]) -> bool {
 }
 
 pub fn cost(p: &Problem, choice: &[usize]) -> u64 {
-    p.items.iter().zip(choice).map(|(it, &k)| it.options[k].bits).sum()
+    p.items
+        .iter()
+        .zip(choice)
+        .map(|(it, &k)| it.options[k].bits)
+        .sum()
 }
 
 pub struct Brute {
@@ -110,7 +121,11 @@ pub struct Brute {
 pub fn brute_force(p: &Problem, budget: u64, obj: Objective) -> Brute {
     let n = p.items.len();
     let mut choice = vec![0usize; n];
-    let mut out = Brute { any_valid: false, min_cost: None, best: None };
+    let mut out = Brute {
+        any_valid: false,
+        min_cost: None,
+        best: None,
+    };
     loop {
         if respects_constraints(p, &choice) {
             out.any_valid = true;

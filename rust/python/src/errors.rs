@@ -53,6 +53,7 @@ pub fn to_py(err: impl Into<Error>) -> PyErr {
     let msg = err.to_string();
     match err {
         Error::Alloc(AllocError::Infeasible { .. }) => InfeasibleTargetError::new_err(msg),
+        Error::Alloc(AllocError::Cancelled) => CancelledError::new_err(msg),
         Error::Alloc(_) => InvalidProblemError::new_err(msg),
         Error::Measurement(_) => MeasurementFileError::new_err(msg),
         Error::Pack(_) => PackError::new_err(msg),

@@ -4,10 +4,13 @@
 //! top-up. Unlike EXL2 every run is seeded (deterministic) and the runs of a stage execute in
 //! parallel; results do not depend on the thread count.
 //!
-//! One proposal draws a slot, then an option (uniformly, not a neighbour); an infeasible move is
-//! rejected at once; an improving one is accepted; otherwise a uniform draw U accepts when
-//! U < exp(−Δe/T). [`anneal_reference`] runs the identical protocol in the straightforward way
-//! (nested vectors, `powf` per proposal, sequential runs) and is the bench baseline.
+//! One proposal takes two draws from the run's generator: a slot and an option (uniformly, not
+//! a neighbour), then U. An infeasible move is rejected, an improving one accepted, otherwise the
+//! move is accepted when U < exp(−Δe/T). Drawing U every time keeps the generator independent of
+//! the data, so the optimised loop has no long dependency chain and no unpredictable branches.
+//! [`anneal_reference`] runs the identical protocol in the straightforward way (nested vectors,
+//! `powf` and `exp` per proposal, sequential runs) and is the bench baseline.
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
@@ -117,10 +120,12 @@ impl Rng {
         s[3] = s[3].rotate_left(45);
         r
     }
-    /// Uniform index in 0..n (multiply-shift on the high 32 bits).
+    /// One 64-bit draw split into two 32-bit halves, each mapped to 0..n by multiply-shift:
+    /// the high half picks the slot, the low half the option.
     #[inline(always)]
-    fn index(&mut self, n: u32) -> usize {
-        (((self.next() >> 32) * n as u64) >> 32) as usize
+    fn halves(&mut self) -> (u64, u64) {
+        let x = self.next();
+        (x >> 32, x & 0xFFFF_FFFF)
     }
     #[inline(always)]
     fn unit(&mut self) -> f64 {
@@ -128,20 +133,28 @@ impl Rng {
     }
 }
 
-/// Slots in flat form for the hot loop.
+#[inline(always)]
+fn scale(half: u64, n: u32) -> usize {
+    ((half * n as u64) >> 32) as usize
+}
+
+/// Slots in flat form for the hot loop: options of all slots back to back.
 struct Flat {
-    offset: Vec<u32>,
-    len: Vec<u32>,
+    /// (offset of the slot's first option, option count) per slot.
+    slot: Vec<(u32, u32)>,
     cost: Vec<u64>,
     err: Vec<f64>,
 }
 
 impl Flat {
     fn new(slots: &[Vec<(u64, f64)>]) -> Self {
-        let mut f = Flat { offset: vec![], len: vec![], cost: vec![], err: vec![] };
+        let mut f = Flat {
+            slot: vec![],
+            cost: vec![],
+            err: vec![],
+        };
         for s in slots {
-            f.offset.push(f.cost.len() as u32);
-            f.len.push(s.len() as u32);
+            f.slot.push((f.cost.len() as u32, s.len() as u32));
             for &(c, e) in s {
                 f.cost.push(c);
                 f.err.push(e);
@@ -149,6 +162,13 @@ impl Flat {
         }
         f
     }
+}
+
+/// Per-option record of the hot loop: cost and err^norm side by side.
+#[derive(Clone, Copy)]
+struct Rec {
+    cost: u64,
+    pw: f64,
 }
 
 struct RunOut {
@@ -178,41 +198,84 @@ fn run_fast(
     stream: u64,
     cancel: &AtomicBool,
 ) -> Option<RunOut> {
-    let pw: Vec<f64> = flat.err.iter().map(|e| e.powf(norm)).collect();
-    let n = flat.len.len() as u32;
+    let recs: Vec<Rec> = flat
+        .cost
+        .iter()
+        .zip(&flat.err)
+        .map(|(&cost, e)| Rec {
+            cost,
+            pw: e.powf(norm),
+        })
+        .collect();
+    let n = flat.slot.len() as u32;
     let mut rng = Rng::new(p.seed, stream);
-    // Index of the current option in the flat arrays, per slot.
-    let mut cur: Vec<u32> = flat.offset.clone();
-    let mut cost: u64 = cur.iter().map(|&j| flat.cost[j as usize]).sum();
+    // Per slot: (offset, option count, flat index of the current option).
+    let mut state: Vec<(u32, u32, u32)> = flat.slot.iter().map(|&(o, l)| (o, l, o)).collect();
+    let mut cost: u64 = state.iter().map(|s| flat.cost[s.2 as usize]).sum();
     let mut temp = p.temp_max;
     for _ in 0..p.outer_steps() {
         if cancel.load(Ordering::Relaxed) {
             return None;
         }
         for _ in 0..p.iterations {
-            let i = rng.index(n);
-            let k = rng.index(flat.len[i]);
-            let j_new = flat.offset[i] as usize + k;
-            let j_old = cur[i] as usize;
-            let new_cost = cost - flat.cost[j_old] + flat.cost[j_new];
-            if new_cost > budget {
-                continue;
+            let (hi, lo) = rng.halves();
+            let i = scale(hi, n);
+            let (offset, len, cur) = state[i];
+            let j_new = offset as usize + scale(lo, len);
+            let old = recs[cur as usize];
+            let new = recs[j_new];
+            let new_cost = cost - old.cost + new.cost;
+            let feasible = new_cost <= budget;
+            let de = new.pw - old.pw;
+            let need_u = feasible & (de >= 0.0);
+            let u = rng.unit();
+            // e^−x ≥ 1 − x: with x = Δe/T this accepts without dividing or calling exp; the
+            // margin covers the rounding of x = fl(Δe/T) and of both sides.
+            let sure = (1.0 - u - 4.0 * METROPOLIS_MARGIN) * temp > de;
+            let mut accept = feasible & ((de < 0.0) | sure);
+            if need_u & !sure {
+                // Rare: only late in the schedule, when Δe/T is not small.
+                accept = metropolis(u, de / temp);
             }
-            let de = pw[j_new] - pw[j_old];
-            if de < 0.0 || rng.unit() < (-de / temp).exp() {
-                cur[i] = j_new as u32;
-                cost = new_cost;
-            }
+            state[i].2 = if accept { j_new as u32 } else { cur };
+            cost = if accept { new_cost } else { cost };
         }
         temp *= p.cooling_factor;
     }
-    let choice: Vec<u32> = cur.iter().zip(&flat.offset).map(|(&j, &o)| j - o).collect();
+    let choice: Vec<u32> = state.iter().map(|&(o, _, j)| j - o).collect();
     let (energy, max_err) = score(slots, &choice, norm);
-    Some(RunOut { choice, energy, max_err })
+    Some(RunOut {
+        choice,
+        energy,
+        max_err,
+    })
+}
+
+/// Exceeds the rounding error of both sides of the bounds in [`metropolis`].
+const METROPOLIS_MARGIN: f64 = 1e-14;
+
+/// `u < exp(−x)` for x ≥ 0, deciding from the bounds 1 − x ≤ e^−x ≤ 1/(1 + x + x²/2) when they
+/// settle it (almost always: x is tiny for most of the schedule) and calling `exp` otherwise.
+/// The margins exceed the rounding of both sides, so the decision equals `u < (-x).exp()`.
+#[inline(always)]
+fn metropolis(u: f64, x: f64) -> bool {
+    if u < 1.0 - x - METROPOLIS_MARGIN {
+        return true;
+    }
+    if u * (1.0 + x * (1.0 + 0.5 * x)) >= 1.0 + METROPOLIS_MARGIN {
+        return false;
+    }
+    u < (-x).exp()
 }
 
 /// The straightforward implementation of one run (the bench baseline).
-fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm: f64, stream: u64) -> RunOut {
+fn run_reference(
+    slots: &[Vec<(u64, f64)>],
+    budget: u64,
+    p: &AnnealParams,
+    norm: f64,
+    stream: u64,
+) -> RunOut {
     let mut rng = Rng::new(p.seed, stream);
     let mut choice = vec![0u32; slots.len()];
     let mut cost: u64 = slots.iter().map(|s| s[0].0).sum();
@@ -220,13 +283,15 @@ fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm:
     let mut temp = p.temp_max;
     for _ in 0..steps {
         for _ in 0..p.iterations {
-            let i = rng.index(slots.len() as u32);
-            let k = rng.index(slots[i].len() as u32);
+            let (hi, lo) = rng.halves();
+            let i = scale(hi, slots.len() as u32);
+            let k = scale(lo, slots[i].len() as u32);
             let old = slots[i][choice[i] as usize];
             let new = slots[i][k];
+            let u = rng.unit();
             let de = new.1.powf(norm) - old.1.powf(norm);
             let new_cost = cost - old.0 + new.0;
-            if new_cost <= budget && (de < 0.0 || rng.unit() < (-de / temp).exp()) {
+            if new_cost <= budget && (de < 0.0 || u < (-de / temp).exp()) {
                 choice[i] = k as u32;
                 cost = new_cost;
             }
@@ -234,7 +299,11 @@ fn run_reference(slots: &[Vec<(u64, f64)>], budget: u64, p: &AnnealParams, norm:
         temp *= p.cooling_factor;
     }
     let (energy, max_err) = score(slots, &choice, norm);
-    RunOut { choice, energy, max_err }
+    RunOut {
+        choice,
+        energy,
+        max_err,
+    }
 }
 
 fn stage_norm(p: &AnnealParams, i: u32, best: f64) -> f64 {
@@ -254,7 +323,11 @@ fn stage_norm(p: &AnnealParams, i: u32, best: f64) -> f64 {
 
 /// EXL2 0.3.2's top-up: bump each slot to its next option while the budget allows, until stable.
 fn top_up(slots: &[Vec<(u64, f64)>], budget: u64, choice: &mut [u32]) -> u64 {
-    let mut cost: u64 = slots.iter().zip(choice.iter()).map(|(s, &k)| s[k as usize].0).sum();
+    let mut cost: u64 = slots
+        .iter()
+        .zip(choice.iter())
+        .map(|(s, &k)| s[k as usize].0)
+        .sum();
     loop {
         let mut changed = false;
         for (s, k) in slots.iter().zip(choice.iter_mut()) {
@@ -287,18 +360,21 @@ fn drive(
         )));
     }
     let s = p.samples;
-    let stage = |range: std::ops::Range<u32>, best: f64| -> Result<Vec<(f64, RunOut)>, AllocError> {
-        let one = |i: u32| {
-            let norm = stage_norm(p, i, best);
-            run(norm, i).map(|r| (norm, r))
+    let stage =
+        |range: std::ops::Range<u32>, best: f64| -> Result<Vec<(f64, RunOut)>, AllocError> {
+            let one = |i: u32| {
+                let norm = stage_norm(p, i, best);
+                run(norm, i).map(|r| (norm, r))
+            };
+            let out: Vec<Option<(f64, RunOut)>> = if parallel {
+                range.into_par_iter().map(one).collect()
+            } else {
+                range.map(one).collect()
+            };
+            out.into_iter()
+                .map(|r| r.ok_or(AllocError::Cancelled))
+                .collect()
         };
-        let out: Vec<Option<(f64, RunOut)>> = if parallel {
-            range.into_par_iter().map(one).collect()
-        } else {
-            range.map(one).collect()
-        };
-        out.into_iter().map(|r| r.ok_or(AllocError::Cancelled)).collect()
-    };
     let mut best_max = f64::INFINITY;
     let mut best_norm = p.norm_interval.0;
     for (lo, hi) in [(0, s), (s, 2 * s)] {
@@ -331,7 +407,9 @@ fn drive(
 
 fn check_slots(slots: &[Vec<(u64, f64)>]) -> Result<(), AllocError> {
     if slots.is_empty() || slots.iter().any(|s| s.is_empty()) {
-        return Err(AllocError::InvalidProblem("anneal needs ≥ 1 slot, each with ≥ 1 option".into()));
+        return Err(AllocError::InvalidProblem(
+            "anneal needs ≥ 1 slot, each with ≥ 1 option".into(),
+        ));
     }
     Ok(())
 }
@@ -345,7 +423,13 @@ pub fn anneal_slots(
 ) -> Result<AnnealResult, AllocError> {
     check_slots(slots)?;
     let flat = Flat::new(slots);
-    drive(slots, budget, p, &|norm, i| run_fast(&flat, slots, budget, p, norm, i as u64, cancel), true)
+    drive(
+        slots,
+        budget,
+        p,
+        &|norm, i| run_fast(&flat, slots, budget, p, norm, i as u64, cancel),
+        true,
+    )
 }
 
 /// The straightforward single-threaded implementation of the same driver and protocol; gives the
@@ -357,13 +441,22 @@ pub fn anneal_reference(
     p: &AnnealParams,
 ) -> Result<AnnealResult, AllocError> {
     check_slots(slots)?;
-    drive(slots, budget, p, &|norm, i| Some(run_reference(slots, budget, p, norm, i as u64)), false)
+    drive(
+        slots,
+        budget,
+        p,
+        &|norm, i| Some(run_reference(slots, budget, p, norm, i as u64)),
+        false,
+    )
 }
 
 /// EXL2's slots of a prepared problem: every allowed option of each class (no pruning, as in
 /// EXL2), in cost order, with the class's Σ raw member error.
 pub(crate) fn slots_of(p: &Prepared) -> Vec<Vec<(u64, f64)>> {
-    p.classes.iter().map(|c| c.opts.iter().map(|o| (o.cost, o.err_sum)).collect()).collect()
+    p.classes
+        .iter()
+        .map(|c| c.opts.iter().map(|o| (o.cost, o.err_sum)).collect())
+        .collect()
 }
 
 pub(crate) fn anneal(
@@ -373,4 +466,26 @@ pub(crate) fn anneal(
     cancel: &AtomicBool,
 ) -> Result<AnnealResult, AllocError> {
     anneal_slots(&slots_of(prep), budget, params, cancel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metropolis_shortcuts_match_exp() {
+        let mut rng = Rng::new(7, 0);
+        for i in 0..2_000_000u64 {
+            let u = rng.unit();
+            // x over many decades, including values where 1 − x and e^−x round alike.
+            let x = 10f64.powf(-18.0 + 21.0 * rng.unit());
+            assert_eq!(metropolis(u, x), u < (-x).exp(), "case {i}: u={u} x={x}");
+            let near = (-x).exp() * (1.0 + (rng.unit() - 0.5) * 1e-15);
+            assert_eq!(
+                metropolis(near, x),
+                near < (-x).exp(),
+                "near case {i}: x={x}"
+            );
+        }
+    }
 }

@@ -34,131 +34,311 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
         .classes
         .iter()
         .map(|c| {
-            c.hull.iter().map(|&k| c.opts[k as usize].1 + lam * c.opts[k as usize].0 as f64).fold(
-                f64::INFINITY,
-                f64::min,
-            )
+            c.hull
+                .iter()
+                .map(|&k| c.opts[k as usize].1 + lam * c.opts[k as usize].0 as f64)
+                .fold(f64::INFINITY, f64::min)
         })
         .collect();
     let lb = mins.iter().sum::<f64>() - lam * budget as f64;
-    let scale = inc.value.abs() + lb.abs() + lam * budget as f64 + mins.iter().map(|x| x.abs()).sum::<f64>();
+    let scale = inc.value.abs()
+        + lb.abs()
+        + lam * budget as f64
+        + mins.iter().map(|x| x.abs()).sum::<f64>();
     // Tolerance for rounding in the reduced costs: keeping slightly too many options or states
     // is always safe, pruning one too many is not.
     let eps = 1e-10 * scale + f64::MIN_POSITIVE;
-    let tau = (inc.value - lb).max(0.0) + eps;
 
-    // Reduced-cost fixing over each class's Pareto front.
-    let mut fixed_cost = 0u64;
-    let mut fixed_value = 0.0;
-    let mut choice = inc.choice.clone();
-    let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
-    for (ci, c) in m.classes.iter().enumerate() {
-        let kept: Vec<u32> = c
-            .front
-            .iter()
-            .copied()
-            .filter(|&k| {
-                let (w, v) = c.opts[k as usize];
-                v + lam * w as f64 - mins[ci] <= tau
-            })
-            .collect();
-        if kept.len() == 1 {
-            let (w, v) = c.opts[kept[0] as usize];
-            fixed_cost += w;
-            fixed_value += v;
-            choice[ci] = kept[0];
-        } else {
-            free.push((ci, kept));
-        }
-    }
-    let free_classes = free.len();
-    if fixed_cost > budget {
-        // Only possible through rounding; the incumbent is then optimal within eps.
-        return Ok(McSol { free_classes, ..proven(inc, lb) });
-    }
-    let cap = budget - fixed_cost;
-    // Big cost ranges first: their choices decide feasibility, the bound prunes the rest.
-    free.sort_by(|a, b| {
-        let range = |(ci, kept): &(usize, Vec<u32>)| {
-            let c = &m.classes[*ci];
-            c.opts[*kept.last().unwrap() as usize].0 - c.opts[kept[0] as usize].0
-        };
-        range(b).cmp(&range(a)).then(a.0.cmp(&b.0))
-    });
-    let n = free.len();
-    let mut suf_min = vec![0u64; n + 1];
-    let mut suf_m = vec![0.0f64; n + 1];
-    for s in (0..n).rev() {
-        let (ci, kept) = &free[s];
-        suf_min[s] = suf_min[s + 1] + m.classes[*ci].opts[kept[0] as usize].0;
-        suf_m[s] = suf_m[s + 1] + mins[*ci];
-    }
-    let target = inc.value - fixed_value;
-    let mut layers: Vec<Vec<State>> = Vec::with_capacity(n + 1);
-    layers.push(vec![State { cost: 0, value: 0.0, parent: u32::MAX, opt: u32::MAX }]);
+    // Phase 1: a narrow core (a fraction of the gap) finds a near-optimal incumbent cheaply;
+    // phase 2 then proves optimality with the gap that incumbent leaves, which is much smaller.
+    let mut best = inc;
     let mut nodes = 0u64;
-    let mut peak = 1usize;
-    let mut cand: Vec<State> = Vec::new();
-    for s in 0..n {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(AllocError::Cancelled);
+    let mut peak = 0usize;
+    let mut free_classes = 0usize;
+    for phase in 0..2 {
+        let gap = (best.value - lb).max(0.0);
+        let tau = if phase == 0 { gap / 16.0 } else { gap + eps };
+        let core = Core {
+            m,
+            budget,
+            lam,
+            mins: &mins,
+            tau,
+            eps,
+            incumbent: best.value,
+        };
+        let r = core.solve(cancel)?;
+        nodes += r.nodes;
+        peak = peak.max(r.peak);
+        free_classes = r.free_classes;
+        if let Some((choice, value)) = r.improved {
+            let (cost, v) = m.evaluate(&choice);
+            debug_assert!(cost <= budget && (v - value).abs() <= 1e-9 * (1.0 + v.abs()));
+            best = McSol {
+                choice,
+                cost,
+                value: v,
+                ..best
+            };
         }
-        let (ci, kept) = &free[s];
-        let c = &m.classes[*ci];
-        let prev = &layers[s];
-        cand.clear();
-        for (pi, st) in prev.iter().enumerate() {
-            for &k in kept {
-                let (w, v) = c.opts[k as usize];
-                let cost = st.cost + w;
-                if cost + suf_min[s + 1] > cap {
-                    break; // kept is sorted by cost
-                }
-                let value = st.value + v;
-                let bound = value + suf_m[s + 1] - lam * (cap - cost) as f64;
-                if bound > target + eps {
-                    continue;
-                }
-                cand.push(State { cost, value, parent: pi as u32, opt: k });
-            }
-        }
-        nodes += cand.len() as u64;
-        cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
-        let mut next: Vec<State> = Vec::with_capacity(cand.len());
-        for st in &cand {
-            if next.last().is_none_or(|l: &State| st.value < l.value) {
-                next.push(*st);
-            }
-        }
-        peak = peak.max(next.len());
-        if next.is_empty() {
-            break;
-        }
-        layers.push(next);
     }
-    let mut out = inc;
-    if layers.len() == n + 1 {
-        let last = &layers[n];
-        let (bi, best) = last
+    Ok(McSol {
+        nodes,
+        peak_states: peak,
+        free_classes,
+        ..proven(best, lb)
+    })
+}
+
+struct Core<'a> {
+    m: &'a Mckp,
+    budget: u64,
+    lam: f64,
+    mins: &'a [f64],
+    tau: f64,
+    eps: f64,
+    incumbent: f64,
+}
+
+struct CoreResult {
+    improved: Option<(Vec<u32>, f64)>,
+    nodes: u64,
+    peak: usize,
+    free_classes: usize,
+}
+
+impl Core<'_> {
+    /// Fix every class whose options but one have reduced cost > tau, then run the bounded
+    /// Pareto DP over the rest; returns a solution strictly better than the incumbent, if any
+    /// exists among the kept options.
+    fn solve(&self, cancel: &AtomicBool) -> Result<CoreResult, AllocError> {
+        let Core {
+            m,
+            budget,
+            lam,
+            mins,
+            tau,
+            eps,
+            incumbent,
+        } = *self;
+        // Reduced-cost fixing over each class's Pareto front.
+        let mut fixed_cost = 0u64;
+        let mut fixed_value = 0.0;
+        let mut choice: Vec<u32> = vec![0; m.classes.len()];
+        let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (ci, c) in m.classes.iter().enumerate() {
+            let kept: Vec<u32> = c
+                .front
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    let (w, v) = c.opts[k as usize];
+                    v + lam * w as f64 - mins[ci] <= tau
+                })
+                .collect();
+            if kept.len() == 1 {
+                let (w, v) = c.opts[kept[0] as usize];
+                fixed_cost += w;
+                fixed_value += v;
+                choice[ci] = kept[0];
+            } else {
+                free.push((ci, kept));
+            }
+        }
+        let free_classes = free.len();
+        let none = |nodes, peak| CoreResult {
+            improved: None,
+            nodes,
+            peak,
+            free_classes,
+        };
+        if fixed_cost > budget {
+            return Ok(none(0, 0));
+        }
+        let cap = budget - fixed_cost;
+        // Big cost ranges first: their choices decide feasibility, the bound prunes the rest.
+        free.sort_by(|a, b| {
+            let range = |(ci, kept): &(usize, Vec<u32>)| {
+                let c = &m.classes[*ci];
+                c.opts[*kept.last().unwrap() as usize].0 - c.opts[kept[0] as usize].0
+            };
+            range(b).cmp(&range(a)).then(a.0.cmp(&b.0))
+        });
+        let n = free.len();
+        let suffix = SuffixLp::new(m, &free);
+        let target = incumbent - fixed_value;
+        let mut layers: Vec<Vec<State>> = Vec::with_capacity(n + 1);
+        layers.push(vec![State {
+            cost: 0,
+            value: 0.0,
+            parent: u32::MAX,
+            opt: u32::MAX,
+        }]);
+        let mut nodes = 0u64;
+        let mut peak = 1usize;
+        let mut cand: Vec<State> = Vec::new();
+        for s in 0..n {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(AllocError::Cancelled);
+            }
+            let (ci, kept) = &free[s];
+            let c = &m.classes[*ci];
+            let prev = &layers[s];
+            cand.clear();
+            for (pi, st) in prev.iter().enumerate() {
+                for &k in kept {
+                    let (w, v) = c.opts[k as usize];
+                    let cost = st.cost + w;
+                    let Some(rest) = suffix.bound(s + 1, cap.saturating_sub(cost)) else {
+                        break; // kept is sorted by cost: the rest cannot fit either
+                    };
+                    if cost > cap {
+                        break;
+                    }
+                    let value = st.value + v;
+                    if value + rest > target + eps {
+                        continue;
+                    }
+                    cand.push(State {
+                        cost,
+                        value,
+                        parent: pi as u32,
+                        opt: k,
+                    });
+                }
+            }
+            nodes += cand.len() as u64;
+            cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
+            let mut next: Vec<State> = Vec::with_capacity(cand.len());
+            for st in &cand {
+                if next.last().is_none_or(|l: &State| st.value < l.value) {
+                    next.push(*st);
+                }
+            }
+            peak = peak.max(next.len());
+            if next.is_empty() {
+                break;
+            }
+            layers.push(next);
+        }
+        if layers.len() < n + 1 {
+            return Ok(none(nodes, peak));
+        }
+        let (bi, best) = layers[n]
             .iter()
             .enumerate()
-            .min_by(|a, b| a.1.value.total_cmp(&b.1.value).then(a.1.cost.cmp(&b.1.cost)))
+            .min_by(|a, b| {
+                a.1.value
+                    .total_cmp(&b.1.value)
+                    .then(a.1.cost.cmp(&b.1.cost))
+            })
             .expect("non-empty layer");
-        if best.value < target {
-            let mut idx = bi;
-            for s in (0..n).rev() {
-                let st = layers[s + 1][idx];
-                choice[free[s].0] = st.opt;
-                idx = st.parent as usize;
+        if best.value >= target {
+            return Ok(none(nodes, peak));
+        }
+        let mut idx = bi;
+        for s in (0..n).rev() {
+            let st = layers[s + 1][idx];
+            choice[free[s].0] = st.opt;
+            idx = st.parent as usize;
+        }
+        let value = fixed_value + best.value;
+        Ok(CoreResult {
+            improved: Some((choice, value)),
+            nodes,
+            peak,
+            free_classes,
+        })
+    }
+}
+
+/// LP lower bounds of every suffix of the DP order as a function of the remaining budget, over
+/// the kept options: LB_s(b) = base_s − (greedy hull drops that fit in b − min cost of suffix).
+struct SuffixLp {
+    base_cost: Vec<u64>,
+    base_value: Vec<f64>,
+    /// Per suffix: cumulative (Δcost, value drop) of its hull segments in efficiency order.
+    cum: Vec<Vec<(u64, f64)>>,
+}
+
+impl SuffixLp {
+    fn new(m: &Mckp, free: &[(usize, Vec<u32>)]) -> Self {
+        let n = free.len();
+        let mut base_cost = vec![0u64; n + 1];
+        let mut base_value = vec![0.0f64; n + 1];
+        let mut segs: Vec<Vec<(f64, u64, f64)>> = vec![Vec::new(); n + 1];
+        for s in (0..n).rev() {
+            let (ci, kept) = &free[s];
+            let c = &m.classes[*ci];
+            let pts: Vec<(u64, f64)> = kept.iter().map(|&k| c.opts[k as usize]).collect();
+            let front: Vec<usize> = (0..pts.len()).collect();
+            let hull = super::prune::hull_of_front(&pts, &front);
+            base_cost[s] = base_cost[s + 1] + pts[0].0;
+            base_value[s] = base_value[s + 1] + pts[0].1;
+            let mut own: Vec<(f64, u64, f64)> = hull
+                .windows(2)
+                .map(|w| {
+                    let (dw, dv) = (pts[w[1]].0 - pts[w[0]].0, pts[w[0]].1 - pts[w[1]].1);
+                    (dv / dw as f64, dw, dv)
+                })
+                .collect();
+            // Merge two lists sorted by decreasing efficiency.
+            let tail = &segs[s + 1];
+            let mut merged = Vec::with_capacity(own.len() + tail.len());
+            let (mut i, mut j) = (0, 0);
+            own.sort_by(|a, b| b.0.total_cmp(&a.0));
+            while i < own.len() || j < tail.len() {
+                if j == tail.len() || (i < own.len() && own[i].0 >= tail[j].0) {
+                    merged.push(own[i]);
+                    i += 1;
+                } else {
+                    merged.push(tail[j]);
+                    j += 1;
+                }
             }
-            let (cost, value) = m.evaluate(&choice);
-            debug_assert!(cost <= budget);
-            out = McSol { choice, cost, value, ..out };
+            segs[s] = merged;
+        }
+        let cum = segs
+            .iter()
+            .map(|l| {
+                let (mut w, mut v) = (0u64, 0.0f64);
+                l.iter()
+                    .map(|&(_, dw, dv)| {
+                        w += dw;
+                        v += dv;
+                        (w, v)
+                    })
+                    .collect()
+            })
+            .collect();
+        SuffixLp {
+            base_cost,
+            base_value,
+            cum,
         }
     }
-    Ok(McSol { nodes, peak_states: peak, free_classes, ..proven(out, lb) })
+
+    /// LP lower bound on the value of suffix `s` with `budget` bits, or None if even its
+    /// cheapest options do not fit.
+    fn bound(&self, s: usize, budget: u64) -> Option<f64> {
+        let extra = budget.checked_sub(self.base_cost[s])?;
+        let cum = &self.cum[s];
+        // First segment whose cumulative cost exceeds `extra`.
+        let p = cum.partition_point(|&(w, _)| w <= extra);
+        let (w0, v0) = if p == 0 { (0, 0.0) } else { cum[p - 1] };
+        let drop = match cum.get(p) {
+            Some(&(w1, v1)) => v0 + (v1 - v0) * (extra - w0) as f64 / (w1 - w0) as f64,
+            None => v0,
+        };
+        Some(self.base_value[s] - drop)
+    }
 }
 
 fn proven(sol: McSol, lp: f64) -> McSol {
-    McSol { lower_bound: Some(sol.value), lp_bound: Some(lp.min(sol.value)), optimal: true, ..sol }
+    McSol {
+        lower_bound: Some(sol.value),
+        lp_bound: Some(lp.min(sol.value)),
+        optimal: true,
+        ..sol
+    }
 }

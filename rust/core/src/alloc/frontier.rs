@@ -24,5 +24,8 @@ pub fn frontier_prepared(
     cfg: &SolveConfig,
     cancel: &AtomicBool,
 ) -> Vec<Result<Solution, AllocError>> {
-    targets.par_iter().map(|&t| prep.solve(t, cfg.solver, &cfg.anneal, cancel)).collect()
+    targets
+        .par_iter()
+        .map(|&t| prep.solve(t, cfg.solver, &cfg.anneal, cancel))
+        .collect()
 }

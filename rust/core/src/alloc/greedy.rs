@@ -35,12 +35,20 @@ pub(crate) fn hull_greedy(m: &Mckp, budget: u64) -> (McSol, f64) {
             blocked[ci] = true;
         }
     }
-    let mut choice: Vec<u32> =
-        m.classes.iter().zip(&pos).map(|(c, &p)| c.hull[p as usize]).collect();
+    let mut choice: Vec<u32> = m
+        .classes
+        .iter()
+        .zip(&pos)
+        .map(|(c, &p)| c.hull[p as usize])
+        .collect();
     let lambda = lambda.unwrap_or(0.0);
     pareto_fill(m, budget, &mut choice);
     let (cost, value) = m.evaluate(&choice);
-    let lb = if lambda == 0.0 { value } else { m.dual(lambda, budget) };
+    let lb = if lambda == 0.0 {
+        value
+    } else {
+        m.dual(lambda, budget)
+    };
     let sol = McSol {
         choice,
         cost,

@@ -49,7 +49,9 @@ impl PartialOrd for Upgrade {
 impl Ord for Upgrade {
     fn cmp(&self, o: &Self) -> CmpOrdering {
         // Highest score first; lower class index wins ties (deterministic).
-        self.score.total_cmp(&o.score).then(o.class.cmp(&self.class))
+        self.score
+            .total_cmp(&o.score)
+            .then(o.class.cmp(&self.class))
     }
 }
 
@@ -96,7 +98,10 @@ pub(crate) fn lagrangian(m: &Mckp, budget: u64) -> McSol {
         if (p as usize) + 1 < c.hull.len() {
             let (w0, v0) = c.opts[c.hull[p as usize] as usize];
             let (w1, v1) = c.opts[c.hull[p as usize + 1] as usize];
-            heap.push(Upgrade { score: (v0 - v1) / (w1 - w0) as f64, class: ci as u32 });
+            heap.push(Upgrade {
+                score: (v0 - v1) / (w1 - w0) as f64,
+                class: ci as u32,
+            });
         }
     };
     for (ci, &p) in best_pos.iter().enumerate() {
@@ -113,7 +118,12 @@ pub(crate) fn lagrangian(m: &Mckp, budget: u64) -> McSol {
             push(&mut heap, ci, best_pos[ci]);
         }
     }
-    let choice: Vec<u32> = m.classes.iter().zip(&best_pos).map(|(c, &p)| c.hull[p as usize]).collect();
+    let choice: Vec<u32> = m
+        .classes
+        .iter()
+        .zip(&best_pos)
+        .map(|(c, &p)| c.hull[p as usize])
+        .collect();
     let (cost, value) = m.evaluate(&choice);
     let lb = bound.min(value);
     McSol {

@@ -56,13 +56,23 @@ pub(crate) struct McSol {
 
 impl Mckp {
     pub fn new(classes: Vec<Class>) -> Self {
-        let min_cost = classes.iter().map(|c| c.opts[c.cheapest() as usize].0).sum();
+        let min_cost = classes
+            .iter()
+            .map(|c| c.opts[c.cheapest() as usize].0)
+            .sum();
         let best_cost = classes.iter().map(|c| c.opts[c.best() as usize].0).sum();
-        Mckp { classes, min_cost, best_cost }
+        Mckp {
+            classes,
+            min_cost,
+            best_cost,
+        }
     }
 
     pub fn max_cost(&self) -> u64 {
-        self.classes.iter().map(|c| c.opts.iter().map(|o| o.0).max().unwrap_or(0)).sum()
+        self.classes
+            .iter()
+            .map(|c| c.opts.iter().map(|o| o.0).max().unwrap_or(0))
+            .sum()
     }
 
     pub fn evaluate(&self, choice: &[u32]) -> (u64, f64) {

@@ -14,14 +14,23 @@ pub(crate) fn minimax(
     budget: u64,
     cancel: &AtomicBool,
 ) -> Result<(Vec<u32>, f64), AllocError> {
-    let mut levels: Vec<f64> =
-        p.classes.iter().flat_map(|c| c.opts.iter().map(|o| o.err_max)).collect();
+    let mut levels: Vec<f64> = p
+        .classes
+        .iter()
+        .flat_map(|c| c.opts.iter().map(|o| o.err_max))
+        .collect();
     levels.sort_by(f64::total_cmp);
     levels.dedup();
     let fits = |t: f64| -> bool {
         let mut cost = 0u64;
         for c in &p.classes {
-            match c.opts.iter().filter(|o| o.err_max <= t).map(|o| o.cost).min() {
+            match c
+                .opts
+                .iter()
+                .filter(|o| o.err_max <= t)
+                .map(|o| o.cost)
+                .min()
+            {
                 Some(w) => cost += w,
                 None => return false,
             }
@@ -43,15 +52,23 @@ pub(crate) fn minimax(
     let mut index: Vec<Vec<u32>> = Vec::with_capacity(p.classes.len());
     let mut classes = Vec::with_capacity(p.classes.len());
     for c in &p.classes {
-        let keep: Vec<u32> =
-            (0..c.opts.len() as u32).filter(|&k| c.opts[k as usize].err_max <= t).collect();
+        let keep: Vec<u32> = (0..c.opts.len() as u32)
+            .filter(|&k| c.opts[k as usize].err_max <= t)
+            .collect();
         classes.push(Class::new(
-            keep.iter().map(|&k| (c.opts[k as usize].cost, c.opts[k as usize].err_sum)).collect(),
+            keep.iter()
+                .map(|&k| (c.opts[k as usize].cost, c.opts[k as usize].err_sum))
+                .collect(),
         ));
         index.push(keep);
     }
     let restricted = Mckp::new(classes);
     let sol = exact(&restricted, budget, cancel)?;
-    let choice = sol.choice.iter().zip(&index).map(|(&k, keep)| keep[k as usize]).collect();
+    let choice = sol
+        .choice
+        .iter()
+        .zip(&index)
+        .map(|(&k, keep)| keep[k as usize])
+        .collect();
     Ok((choice, t))
 }

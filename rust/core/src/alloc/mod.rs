@@ -33,13 +33,21 @@ pub struct SolveConfig {
 
 impl Default for SolveConfig {
     fn default() -> Self {
-        SolveConfig { objective: Objective::Sum, solver: SolverKind::Exact, anneal: AnnealParams::default() }
+        SolveConfig {
+            objective: Objective::Sum,
+            solver: SolverKind::Exact,
+            anneal: AnnealParams::default(),
+        }
     }
 }
 
 impl SolveConfig {
     pub fn new(objective: Objective, solver: SolverKind) -> Self {
-        SolveConfig { objective, solver, ..SolveConfig::default() }
+        SolveConfig {
+            objective,
+            solver,
+            ..SolveConfig::default()
+        }
     }
 }
 

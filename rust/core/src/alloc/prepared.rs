@@ -88,7 +88,13 @@ impl Prepared {
                 .map(|c| Class::new(c.opts.iter().map(|o| (o.cost, o.value)).collect()))
                 .collect(),
         );
-        Ok(Prepared { problem: problem.clone(), objective, numel: problem.total_numel(), classes, mckp })
+        Ok(Prepared {
+            problem: problem.clone(),
+            objective,
+            numel: problem.total_numel(),
+            classes,
+            mckp,
+        })
     }
 
     /// Smallest and largest total cost in bits reachable under the constraints.
@@ -107,7 +113,11 @@ impl Prepared {
         let (lo, hi) = self.cost_range();
         if budget < lo {
             let (min, max) = target.describe_range(lo, hi, self.numel);
-            return Err(AllocError::Infeasible { target: target.to_string(), min, max });
+            return Err(AllocError::Infeasible {
+                target: target.to_string(),
+                min,
+                max,
+            });
         }
         Ok(budget)
     }
@@ -124,7 +134,10 @@ impl Prepared {
         if cancel.load(Ordering::Relaxed) {
             return Err(AllocError::Cancelled);
         }
-        let mut stats = Stats { classes: self.classes.len(), ..Stats::default() };
+        let mut stats = Stats {
+            classes: self.classes.len(),
+            ..Stats::default()
+        };
         let minimax_objective = self.objective == Objective::Minimax;
         let (class_choice, lower_bound, optimal) = match solver {
             SolverKind::Minimax => {
@@ -158,6 +171,7 @@ impl Prepared {
                     SolverKind::Greedy => hull_greedy(&self.mckp, budget).0,
                     _ => lagrangian(&self.mckp, budget),
                 };
+                debug_assert!(sol.cost <= budget, "solver exceeded the budget");
                 stats.nodes = sol.nodes;
                 stats.peak_states = sol.peak_states;
                 stats.free_classes = sol.free_classes;
@@ -171,6 +185,23 @@ impl Prepared {
         Ok(sol)
     }
 
+    /// EXL2's annealing slots: one per class, every allowed option in cost order (no pruning,
+    /// as in EXL2), with the class's Σ raw member error.
+    pub fn anneal_slots(&self) -> Vec<Vec<(u64, f64)>> {
+        super::anneal::slots_of(self)
+    }
+
+    /// Original-item option indices of a class-level choice (as returned for the slots).
+    pub fn item_choices(&self, class_choice: &[u32]) -> Vec<usize> {
+        let mut choices = vec![0usize; self.problem.items.len()];
+        for (c, &k) in self.classes.iter().zip(class_choice) {
+            for (&m, &o) in c.members.iter().zip(&c.opts[k as usize].member_opts) {
+                choices[m] = o as usize;
+            }
+        }
+        choices
+    }
+
     /// Map a class-level choice back to original items and score it.
     pub(crate) fn expand(
         &self,
@@ -180,15 +211,18 @@ impl Prepared {
         lower_bound: Option<f64>,
         optimal: bool,
     ) -> Solution {
-        let mut choices = vec![0usize; self.problem.items.len()];
-        for (c, &k) in self.classes.iter().zip(class_choice) {
-            for (&m, &o) in c.members.iter().zip(&c.opts[k as usize].member_opts) {
-                choices[m] = o as usize;
-            }
-        }
-        let cost_bits: u64 =
-            self.problem.items.iter().zip(&choices).map(|(it, &c)| it.options[c].bits).sum();
-        assert!(cost_bits <= budget, "internal error: solver exceeded the budget");
+        let choices = self.item_choices(class_choice);
+        let cost_bits: u64 = self
+            .problem
+            .items
+            .iter()
+            .zip(&choices)
+            .map(|(it, &c)| it.options[c].bits)
+            .sum();
+        assert!(
+            cost_bits <= budget,
+            "internal error: solver exceeded the budget"
+        );
         let objective = self.objective.evaluate(&self.problem, &choices);
         let (lower_bound, gap) = if optimal {
             (Some(objective), Some(0.0))
@@ -196,7 +230,11 @@ impl Prepared {
             match lower_bound {
                 Some(lb) => {
                     let lb = lb.min(objective);
-                    let gap = if objective > 0.0 { (objective - lb) / objective } else { 0.0 };
+                    let gap = if objective > 0.0 {
+                        (objective - lb) / objective
+                    } else {
+                        0.0
+                    };
                     (Some(lb), Some(gap.max(0.0)))
                 }
                 None => (None, None),
@@ -255,16 +293,28 @@ fn build_class(
             err_max = err_max.max(o.error);
             value += objective.item_value(o.error, it.weight);
         }
-        opts.push(ClassOpt { cost, value, err_sum, err_max, member_opts });
+        opts.push(ClassOpt {
+            cost,
+            value,
+            err_sum,
+            err_max,
+            member_opts,
+        });
     }
     if opts.is_empty() {
-        let names: Vec<&str> = members.iter().map(|&m| problem.items[m].name.as_str()).collect();
+        let names: Vec<&str> = members
+            .iter()
+            .map(|&m| problem.items[m].name.as_str())
+            .collect();
         return Err(AllocError::InvalidProblem(format!(
             "fused group of items {members:?} {names:?} has no config allowed for every member"
         )));
     }
     opts.sort_by(|a, b| {
-        a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)).then(a.member_opts.cmp(&b.member_opts))
+        a.cost
+            .cmp(&b.cost)
+            .then(a.value.total_cmp(&b.value))
+            .then(a.member_opts.cmp(&b.member_opts))
     });
     Ok(ClassInfo { members, opts })
 }

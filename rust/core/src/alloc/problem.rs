@@ -121,7 +121,11 @@ impl Target {
                     )));
                 }
                 let bits = (b * numel as f64).floor();
-                Ok(if bits >= u64::MAX as f64 { u64::MAX } else { bits as u64 })
+                Ok(if bits >= u64::MAX as f64 {
+                    u64::MAX
+                } else {
+                    bits as u64
+                })
             }
             Target::Bits(b) => Ok(b),
             Target::Bytes { budget, overhead } => {
@@ -136,13 +140,26 @@ impl Target {
     }
 
     /// Human-readable feasible range `(min, max)` of reachable costs in this target's unit.
-    pub(crate) fn describe_range(&self, min_bits: u64, max_bits: u64, numel: u64) -> (String, String) {
+    pub(crate) fn describe_range(
+        &self,
+        min_bits: u64,
+        max_bits: u64,
+        numel: u64,
+    ) -> (String, String) {
         let bpw = |b: u64| b as f64 / numel as f64;
         let bytes = |b: u64| b.div_ceil(8);
         match *self {
             Target::Bytes { overhead, .. } => (
-                format!("{} bytes ({:.4} bpw)", bytes(min_bits) + overhead, bpw(min_bits)),
-                format!("{} bytes ({:.4} bpw)", bytes(max_bits) + overhead, bpw(max_bits)),
+                format!(
+                    "{} bytes ({:.4} bpw)",
+                    bytes(min_bits) + overhead,
+                    bpw(min_bits)
+                ),
+                format!(
+                    "{} bytes ({:.4} bpw)",
+                    bytes(max_bits) + overhead,
+                    bpw(max_bits)
+                ),
             ),
             Target::Bits(_) => (
                 format!("{min_bits} bits ({:.4} bpw)", bpw(min_bits)),
@@ -226,11 +243,14 @@ impl SolverKind {
 impl std::str::FromStr for SolverKind {
     type Err = AllocError;
     fn from_str(s: &str) -> Result<Self, AllocError> {
-        SolverKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            AllocError::InvalidProblem(format!(
+        SolverKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                AllocError::InvalidProblem(format!(
                 "unknown solver {s:?}: expected one of exact, greedy, lagrangian, anneal, minimax"
             ))
-        })
+            })
     }
 }
 
@@ -285,14 +305,19 @@ pub fn validate(problem: &Problem) -> Result<(), AllocError> {
             return bad(format!("{who} has no options"));
         }
         if it.numel == 0 {
-            return bad(format!("{who} has numel 0; expected the number of weights (> 0)"));
+            return bad(format!(
+                "{who} has numel 0; expected the number of weights (> 0)"
+            ));
         }
         total = match total.checked_add(it.numel) {
             Some(t) => t,
             None => return bad("total numel overflows u64".into()),
         };
         if !it.weight.is_finite() || it.weight < 0.0 {
-            return bad(format!("{who} has weight {}; expected a finite number ≥ 0", it.weight));
+            return bad(format!(
+                "{who} has weight {}; expected a finite number ≥ 0",
+                it.weight
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (k, o) in it.options.iter().enumerate() {
@@ -303,13 +328,18 @@ pub fn validate(problem: &Problem) -> Result<(), AllocError> {
                 ));
             }
             if !seen.insert(o.config) {
-                return bad(format!("{who} lists config {} twice (option {k})", o.config));
+                return bad(format!(
+                    "{who} lists config {} twice (option {k})",
+                    o.config
+                ));
             }
         }
         for (label, v) in [("min_bpw", it.min_bpw), ("max_bpw", it.max_bpw)] {
             if let Some(v) = v {
                 if !v.is_finite() || v < 0.0 {
-                    return bad(format!("{who} has {label} {v}; expected a finite number ≥ 0"));
+                    return bad(format!(
+                        "{who} has {label} {v}; expected a finite number ≥ 0"
+                    ));
                 }
             }
         }
@@ -327,7 +357,10 @@ pub fn validate(problem: &Problem) -> Result<(), AllocError> {
             }
             let o = &it.options[p];
             if it.excluded.contains(&o.config) {
-                return bad(format!("{who} is pinned to option {p} whose config {} is excluded", o.config));
+                return bad(format!(
+                    "{who} is pinned to option {p} whose config {} is excluded",
+                    o.config
+                ));
             }
             if !bpw_allowed(it, o) {
                 return bad(format!(

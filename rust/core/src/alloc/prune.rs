@@ -21,7 +21,7 @@ pub fn pareto_front(points: &[(u64, f64)]) -> Vec<usize> {
 }
 
 /// Indices of the vertices of the lower convex hull of the Pareto front, from the cheapest point
-/// to the lowest-value point, with strictly decreasing slopes magnitudes (collinear points are
+/// to the lowest-value point, with strictly increasing (ever less negative) slopes (collinear points are
 /// dropped). These are the only points an LP / Lagrangian relaxation can choose.
 pub fn lower_hull(points: &[(u64, f64)]) -> Vec<usize> {
     hull_of_front(points, &pareto_front(points))

@@ -16,6 +16,8 @@ use super::error::{MeasurementError, Result};
 use super::io;
 use super::io::kind_of;
 use super::native::{NativeMeasurement, STRING_SOURCE};
+use super::shapes::Exl2Shapes;
+use super::strategy::check_required;
 use crate::alloc::{Item, Opt, Problem};
 use crate::qparams::QParams;
 use serde_json::{json, Map, Value};
@@ -91,7 +93,7 @@ impl Exl2Module {
         }
     }
 
-    fn kinds(&self) -> Vec<&String> {
+    pub(crate) fn kinds(&self) -> Vec<&String> {
         self.rows
             .first()
             .map(|r| r.linears.keys().collect())
@@ -111,7 +113,7 @@ pub struct Exl2Measurement {
 }
 
 /// Splits `<prefix>model.layers.N.<mode>` into (`<prefix>model.layers.N`, N, mode).
-fn split_key(key: &str) -> Option<(&str, u32, &str)> {
+pub(crate) fn split_key(key: &str) -> Option<(&str, u32, &str)> {
     let start = key.rfind("model.layers.")? + "model.layers.".len();
     let rest = &key[start..];
     let (num, mode) = rest.split_once('.')?;
@@ -119,7 +121,7 @@ fn split_key(key: &str) -> Option<(&str, u32, &str)> {
     Some((&key[..start + num.len()], layer, mode))
 }
 
-fn mode_rank(mode: &str) -> u8 {
+pub(crate) fn mode_rank(mode: &str) -> u8 {
     match mode {
         "self_attn" | "linear_attn" | "parallel_decoder" => 0,
         _ => 1,
@@ -230,6 +232,7 @@ impl Exl2Measurement {
                 "has no measured modules; expected at least one list of rows".into(),
             ));
         }
+        null_keys.sort();
         modules.sort_by(|a, b| {
             let ka = (a.layer.is_none(), a.layer, mode_rank(a.mode()), &a.key);
             let kb = (b.layer.is_none(), b.layer, mode_rank(b.mode()), &b.key);
@@ -336,63 +339,6 @@ impl Exl2Measurement {
             groups: Vec::new(),
         })
     }
-
-    /// exllamav2's `job["strategy"]` for a solution: `choice[i]` is the row chosen for
-    /// `modules[i]` (the option index of item i of [`Self::to_problem`]).
-    pub fn strategy(&self, choice: &[usize]) -> Result<Strategy> {
-        if choice.len() != self.modules.len() {
-            return Err(MeasurementError::Convert {
-                context: "strategy".into(),
-                message: format!(
-                    "{} choices for {} modules; expected one row index per module",
-                    choice.len(),
-                    self.modules.len()
-                ),
-            });
-        }
-        let mut s = Strategy::default();
-        for (m, &c) in self.modules.iter().zip(choice) {
-            let row = m.rows.get(c).ok_or_else(|| MeasurementError::Convert {
-                context: format!("module {:?}", m.name()),
-                message: format!(
-                    "row {c} chosen, but it has {} rows (0..{})",
-                    m.rows.len(),
-                    m.rows.len()
-                ),
-            })?;
-            s.entries.insert(
-                m.strategy_key(),
-                StrategyEntry {
-                    accuracy: Some(row.accuracy),
-                    total_bits: row.total_bits,
-                    linears: row.linears.clone(),
-                },
-            );
-        }
-        Ok(s)
-    }
-
-    /// Checks that `strategy` configures every measured module and the same linears.
-    pub fn check_strategy(&self, strategy: &Strategy) -> Result<()> {
-        for m in &self.modules {
-            let key = m.strategy_key();
-            let entry = strategy.entries.get(&key).ok_or_else(|| MeasurementError::Convert {
-                context: "strategy".into(),
-                message: format!("has no entry for module {key:?}; exllamav2 would fail with KeyError when quantizing it"),
-            })?;
-            let kinds: Vec<&String> = entry.linears.keys().collect();
-            if kinds != m.kinds() {
-                return Err(MeasurementError::Convert {
-                    context: format!("strategy entry {key:?}"),
-                    message: format!(
-                        "configures linears {kinds:?}; expected {:?} as in the measurement",
-                        m.kinds()
-                    ),
-                });
-            }
-        }
-        Ok(())
-    }
 }
 
 fn parse_rows(rows: &[Value], source: &str, key: &str) -> Result<Vec<Exl2Row>> {
@@ -477,246 +423,6 @@ fn parse_rows(rows: &[Value], source: &str, key: &str) -> Result<Vec<Exl2Row>> {
     Ok(out)
 }
 
-/// Shape of one linear as exllamav2 counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinearShape {
-    pub in_features: u64,
-    pub out_features: u64,
-    /// exllamav2 adds 16 bits per output for a bias.
-    pub bias: bool,
-    /// Copies sharing one config (MoE experts); 1 otherwise.
-    pub count: u64,
-}
-
-impl LinearShape {
-    pub fn new(in_features: u64, out_features: u64) -> Self {
-        LinearShape {
-            in_features,
-            out_features,
-            bias: false,
-            count: 1,
-        }
-    }
-
-    pub fn numel(&self) -> u64 {
-        self.in_features
-            .saturating_mul(self.out_features)
-            .saturating_mul(self.count)
-    }
-
-    /// Bits as exllamav2 counts them: the config's exact cost, plus 16 per output for a bias,
-    /// times `count`.
-    pub fn bits(&self, q: &QParams) -> Result<u64, String> {
-        let max = super::native::MAX_DIM;
-        if self.in_features > max || self.out_features > max {
-            return Err(format!(
-                "shape {}x{} exceeds {max} per dimension",
-                self.in_features, self.out_features
-            ));
-        }
-        let bias = if self.bias { self.out_features * 16 } else { 0 };
-        let one = q
-            .total_bits(self.in_features as usize, self.out_features as usize)
-            .map_err(|e| e.to_string())?;
-        Ok((one + bias).saturating_mul(self.count))
-    }
-}
-
-/// The linears of one module and any extra weights its budget denominator counts.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ModuleShape {
-    pub linears: BTreeMap<String, LinearShape>,
-    /// Weights outside the linears that exllamav2's `module.numel()` includes (its norm
-    /// weights). 0 gives the DESIGN's bpw (decoder linear weights only).
-    pub extra_numel: u64,
-}
-
-impl ModuleShape {
-    fn row_bits(&self, row: &Exl2Row) -> Result<u64, String> {
-        let mut total = 0u64;
-        for (k, q) in &row.linears {
-            if let Some(s) = self.linears.get(k) {
-                let b = s.bits(q).map_err(|e| format!("linear {k:?}: {e}"))?;
-                total = total.saturating_add(b);
-            }
-        }
-        Ok(total)
-    }
-
-    fn describe(&self) -> String {
-        let parts: Vec<String> = self
-            .linears
-            .iter()
-            .map(|(k, s)| {
-                let mult = if s.count > 1 {
-                    format!(" x{}", s.count)
-                } else {
-                    String::new()
-                };
-                format!("{k} {}x{}{mult}", s.in_features, s.out_features)
-            })
-            .collect();
-        format!("[{}]", parts.join(", "))
-    }
-}
-
-/// Matrix shapes for a measurement.json, which has none: per mode (`self_attn`, `mlp`, …),
-/// with optional per-key overrides for models whose layers differ.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Exl2Shapes {
-    pub by_mode: BTreeMap<String, ModuleShape>,
-    pub by_key: BTreeMap<String, ModuleShape>,
-}
-
-/// Dimensions of a Llama-like decoder layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LlamaDims {
-    pub hidden_size: u64,
-    pub intermediate_size: u64,
-    pub num_attention_heads: u64,
-    pub num_key_value_heads: u64,
-    pub head_dim: u64,
-}
-
-impl Exl2Shapes {
-    /// Shapes of a Llama-like layer (q/k/v/o, gate/up/down). With `count_norms`, each module's
-    /// denominator includes its RMSNorm weight (hidden_size), as exllamav2's budget does.
-    pub fn llama(d: LlamaDims, count_norms: bool) -> Self {
-        let q_out = d.num_attention_heads * d.head_dim;
-        let kv_out = d.num_key_value_heads * d.head_dim;
-        let norm = if count_norms { d.hidden_size } else { 0 };
-        let attn = ModuleShape {
-            linears: [
-                ("q_proj", LinearShape::new(d.hidden_size, q_out)),
-                ("k_proj", LinearShape::new(d.hidden_size, kv_out)),
-                ("v_proj", LinearShape::new(d.hidden_size, kv_out)),
-                ("o_proj", LinearShape::new(q_out, d.hidden_size)),
-            ]
-            .into_iter()
-            .map(|(k, s)| (k.to_string(), s))
-            .collect(),
-            extra_numel: norm,
-        };
-        let mlp = ModuleShape {
-            linears: [
-                (
-                    "gate_proj",
-                    LinearShape::new(d.hidden_size, d.intermediate_size),
-                ),
-                (
-                    "up_proj",
-                    LinearShape::new(d.hidden_size, d.intermediate_size),
-                ),
-                (
-                    "down_proj",
-                    LinearShape::new(d.intermediate_size, d.hidden_size),
-                ),
-            ]
-            .into_iter()
-            .map(|(k, s)| (k.to_string(), s))
-            .collect(),
-            extra_numel: norm,
-        };
-        Exl2Shapes {
-            by_mode: [("self_attn".to_string(), attn), ("mlp".to_string(), mlp)].into(),
-            by_key: BTreeMap::new(),
-        }
-    }
-
-    /// Exact per-module shapes from a native measurement of the same model.
-    pub fn from_native(m: &NativeMeasurement) -> Self {
-        let mut by_key: BTreeMap<String, ModuleShape> = BTreeMap::new();
-        for l in &m.linears {
-            let module = l
-                .name
-                .strip_suffix(&format!(".{}", l.kind))
-                .unwrap_or(&l.name)
-                .to_string();
-            by_key.entry(module).or_default().linears.insert(
-                l.kind.clone(),
-                LinearShape::new(l.in_features, l.out_features),
-            );
-        }
-        Exl2Shapes {
-            by_mode: BTreeMap::new(),
-            by_key,
-        }
-    }
-
-    fn for_module(&self, m: &Exl2Module) -> Result<&ModuleShape> {
-        self.by_key
-            .get(&m.name())
-            .or_else(|| self.by_key.get(&m.strategy_key()))
-            .or_else(|| self.by_mode.get(m.mode()))
-            .ok_or_else(|| MeasurementError::Convert {
-                context: format!("module {:?}", m.name()),
-                message: format!(
-                    "no shapes given for it (mode {:?}); the measurement.json has no shapes, so pass them per mode or per key",
-                    m.mode()
-                ),
-            })
-    }
-}
-
-/// exllamav2's `job["strategy"]`: module key → the chosen entry, which `quantize.py` reads
-/// per linear (`strategy[key]["q_proj"]` → QParams dict).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Strategy {
-    pub entries: BTreeMap<String, StrategyEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct StrategyEntry {
-    /// The measured accuracy of a joint row; `None` for per-linear allocations, whose
-    /// combination was never measured as a whole (exllamav2's quantizer does not read it).
-    pub accuracy: Option<f64>,
-    pub total_bits: u64,
-    pub linears: BTreeMap<String, QParams>,
-}
-
-impl Strategy {
-    pub fn to_value(&self) -> Value {
-        let mut out = Map::new();
-        for (k, e) in &self.entries {
-            let mut m = Map::new();
-            if let Some(a) = e.accuracy {
-                m.insert("accuracy".into(), json!(a));
-            }
-            m.insert("total_bits".into(), json!(e.total_bits));
-            for (kind, q) in &e.linears {
-                m.insert(kind.clone(), q.to_exllamav2_json());
-            }
-            out.insert(k.clone(), Value::Object(m));
-        }
-        Value::Object(out)
-    }
-}
-
-/// Linears exllamav2's quantizer requires per mode (`quantize.py`: `strat["q_proj"]` …).
-fn required_linears(mode: &str) -> &'static [&'static str] {
-    match mode {
-        "self_attn" => &["q_proj", "k_proj", "v_proj", "o_proj"],
-        "mlp" => &["up_proj", "down_proj"],
-        "block_sparse_moe" => &["w1", "w2", "w3"],
-        _ => &[],
-    }
-}
-
-fn check_required(key: &str, mode: &str, kinds: &[&String]) -> Result<()> {
-    for need in required_linears(mode) {
-        if !kinds.iter().any(|k| k.as_str() == *need) {
-            return Err(MeasurementError::Convert {
-                context: format!("module {key:?}"),
-                message: format!(
-                    "has no {need:?}; exllamav2 needs {:?} for a {mode} module (found {kinds:?})",
-                    required_linears(mode)
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 impl NativeMeasurement {
     /// The exllamav2 measurement.json of this measurement's module rows. Every decoder layer
     /// must have an attention and an MLP module (exllamav2's optimizer reads both). The final
@@ -778,89 +484,12 @@ impl NativeMeasurement {
         let n = modules.len() as u64;
         Ok(Exl2Measurement {
             modules,
+            // Sorted, as after reading a file.
             null_keys: vec![
-                format!("{prefix}model.norm.norm"),
                 format!("{prefix}lm_head.linear"),
+                format!("{prefix}model.norm.norm"),
             ],
             last_module_idx: n + 2,
         })
-    }
-
-    /// exllamav2 strategy from a solution of [`Self::module_problem`]: `choice[i]` is the row
-    /// chosen for `modules[i]`.
-    pub fn module_strategy(&self, choice: &[usize]) -> Result<Strategy> {
-        self.check_choice(choice, self.modules.len(), "modules")?;
-        let mut s = Strategy::default();
-        for (m, &c) in self.modules.iter().zip(choice) {
-            let row = m.rows.get(c).ok_or_else(|| MeasurementError::Convert {
-                context: format!("module {:?}", m.name),
-                message: format!("row {c} chosen, but it has {} rows", m.rows.len()),
-            })?;
-            s.entries.insert(
-                m.name.clone(),
-                StrategyEntry {
-                    accuracy: Some(row.accuracy),
-                    total_bits: row.total_bits,
-                    linears: row
-                        .configs
-                        .iter()
-                        .map(|(k, &ci)| (k.clone(), self.configs[ci as usize].clone()))
-                        .collect(),
-                },
-            );
-        }
-        Ok(s)
-    }
-
-    /// exllamav2 strategy from a solution of [`Self::linear_problem`]: `choice[i]` is the option
-    /// chosen for `linears[i]`. Linears are grouped into modules by name
-    /// (`<module>.<kind>`); `accuracy` is omitted, since that combination was not measured.
-    pub fn linear_strategy(&self, choice: &[usize]) -> Result<Strategy> {
-        self.check_choice(choice, self.linears.len(), "linears")?;
-        let mut s = Strategy::default();
-        for (l, &c) in self.linears.iter().zip(choice) {
-            let opt = l.options.get(c).ok_or_else(|| MeasurementError::Convert {
-                context: format!("linear {:?}", l.name),
-                message: format!("option {c} chosen, but it has {} options", l.options.len()),
-            })?;
-            let module = l.name.strip_suffix(&format!(".{}", l.kind)).ok_or_else(|| {
-                MeasurementError::Convert {
-                    context: format!("linear {:?}", l.name),
-                    message: format!(
-                        "its name does not end in its kind {:?}, so its exllamav2 module key is unknown",
-                        l.kind
-                    ),
-                }
-            })?;
-            let e = s
-                .entries
-                .entry(module.to_string())
-                .or_insert_with(|| StrategyEntry {
-                    accuracy: None,
-                    total_bits: 0,
-                    linears: BTreeMap::new(),
-                });
-            e.total_bits += opt.bits;
-            e.linears
-                .insert(l.kind.clone(), self.configs[opt.config as usize].clone());
-        }
-        for (key, e) in &s.entries {
-            let mode = key.rsplit('.').next().unwrap_or("");
-            check_required(key, mode, &e.linears.keys().collect::<Vec<_>>())?;
-        }
-        Ok(s)
-    }
-
-    fn check_choice(&self, choice: &[usize], n: usize, what: &str) -> Result<()> {
-        if choice.len() != n {
-            return Err(MeasurementError::Convert {
-                context: "strategy".into(),
-                message: format!(
-                    "{} choices for {n} {what}; expected one per entry of {what}",
-                    choice.len()
-                ),
-            });
-        }
-        Ok(())
     }
 }

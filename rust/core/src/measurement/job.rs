@@ -8,8 +8,9 @@
 //! and moves to `tokens_cal`. A job that carries our strategy at `tokens_cal` therefore
 //! skips exllamav2's annealer and quantizes exactly our allocation.
 use super::error::{MeasurementError, Result};
-use super::exl2::{Exl2Measurement, Strategy};
+use super::exl2::Exl2Measurement;
 use super::io;
+use super::strategy::Strategy;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 

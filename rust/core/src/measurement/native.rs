@@ -101,7 +101,8 @@ impl ModuleRecord {
     }
 }
 
-/// A native measurement file in memory.
+/// A native measurement file in memory. Unknown fields are ignored on load (additions within
+/// version 1 stay readable) and are not written back by [`NativeMeasurement::save`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NativeMeasurement {
     pub format: String,
