@@ -131,11 +131,8 @@ pub fn run(args: &[String]) -> i32 {
                 .num_threads(t)
                 .build()
                 .expect("thread pool");
-            let tp = pool.install(|| {
-                median_secs(o.reps, || {
-                    std::hint::black_box(pack_columns_into(&codes, n, b, &mut out));
-                })
-            });
+            let tp =
+                pool.install(|| median_secs(o.reps, || pack_columns_into(&codes, n, b, &mut out)));
             assert_eq!(
                 out, naive_out,
                 "{b}-bit: packer disagrees with the naive baseline"

@@ -89,18 +89,46 @@ pub(crate) fn check_codes(
 /// `[rows·bits/32, cols]` words. `rows` must be a multiple of [`rows_per_block`].
 pub fn pack_columns(codes: &[u8], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>> {
     check_bits("pack_columns", bits, &EXL2_BITS)?;
+    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
+    pack_columns_to(codes, rows, cols, bits, &mut out)?;
+    Ok(out)
+}
+
+/// [`pack_columns`] into a caller-provided `out` of `[rows·bits/32, cols]` words (lets the
+/// caller reuse buffers or hand in memory it allocated, e.g. a NumPy array).
+pub fn pack_columns_to(
+    codes: &[u8],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+    out: &mut [i32],
+) -> Result<()> {
+    check_bits("pack_columns", bits, &EXL2_BITS)?;
     check_len("codes", codes.len(), &[rows, cols])?;
     check_block_rows("codes", rows, bits)?;
-    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    if pack_columns_into(codes, cols, bits, &mut out) >> bits != 0 {
-        check_codes("codes", codes, cols, bits, 0)?;
-    }
-    Ok(out)
+    check_len("out", out.len(), &[rows * bits as usize / 32, cols])?;
+    check_codes("codes", codes, cols, bits, 0)?;
+    pack_columns_into(codes, cols, bits, out);
+    Ok(())
 }
 
 /// Unpacks `[qrows, cols]` words of `bits`-bit codes into `[qrows·32/bits, cols]` codes.
 /// `qrows` must be a multiple of [`words_per_block`].
 pub fn unpack_columns(packed: &[i32], qrows: usize, cols: usize, bits: u32) -> Result<Vec<u8>> {
+    check_bits("unpack_columns", bits, &EXL2_BITS)?;
+    let mut out = vec![0u8; qrows * 32 / bits as usize * cols];
+    unpack_columns_to(packed, qrows, cols, bits, &mut out)?;
+    Ok(out)
+}
+
+/// [`unpack_columns`] into a caller-provided `out` of `[qrows·32/bits, cols]` codes.
+pub fn unpack_columns_to(
+    packed: &[i32],
+    qrows: usize,
+    cols: usize,
+    bits: u32,
+    out: &mut [u8],
+) -> Result<()> {
     check_bits("unpack_columns", bits, &EXL2_BITS)?;
     check_len("packed", packed.len(), &[qrows, cols])?;
     let wpb = words_per_block(bits);
@@ -111,9 +139,9 @@ pub fn unpack_columns(packed: &[i32], qrows: usize, cols: usize, bits: u32) -> R
             expected: format!("a row count that is a multiple of {wpb} for {bits}-bit codes"),
         });
     }
-    let mut out = vec![0u8; qrows * 32 / bits as usize * cols];
-    unpack_columns_into(packed, cols, bits, &mut out);
-    Ok(out)
+    check_len("out", out.len(), &[qrows * 32 / bits as usize, cols])?;
+    unpack_columns_into(packed, cols, bits, out);
+    Ok(())
 }
 
 pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> Result<()> {
@@ -133,21 +161,18 @@ pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> 
     }
 }
 
-/// Packs codes into `out` (`[rows·bits/32, cols]`), in parallel over whole blocks, and
-/// returns the bitwise OR of every code read: a result `>= 2^bits` means some code was out of
-/// range (and its high bits leaked into its neighbours), which the caller must reject. This
-/// fuses the range check into the packing pass. Callers guarantee the shapes and `bits` ∈
-/// [`EXL2_BITS`].
-pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) -> u8 {
+/// Packs validated codes into `out` (`[rows·bits/32, cols]`), in parallel over whole blocks.
+/// Callers guarantee the shapes, `bits` ∈ [`EXL2_BITS`] and the code range.
+pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) {
     if cols == 0 || codes.is_empty() {
-        return 0;
+        return;
     }
     let (rpb, wpb) = (rows_per_block(bits), words_per_block(bits));
     let blocks_per_task = (MIN_TASK_WORDS / (wpb * cols)).max(1);
     codes
         .par_chunks(rpb * cols * blocks_per_task)
         .zip(out.par_chunks_mut(wpb * cols * blocks_per_task))
-        .map(|(src, dst)| match bits {
+        .for_each(|(src, dst)| match bits {
             2 => pack_seq::<2, 16, 1>(src, cols, dst),
             3 => pack_seq::<3, 32, 3>(src, cols, dst),
             4 => pack_seq::<4, 8, 1>(src, cols, dst),
@@ -155,8 +180,7 @@ pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) 
             6 => pack_seq::<6, 16, 3>(src, cols, dst),
             8 => pack_seq::<8, 4, 1>(src, cols, dst),
             _ => unreachable!("bit width validated by the caller"),
-        })
-        .reduce(|| 0, |a, b| a | b)
+        });
 }
 
 /// Unpacks validated words into `out` (`[qrows·32/bits, cols]`), in parallel over blocks.
@@ -190,9 +214,7 @@ fn pack_seq<const B: usize, const R: usize, const W: usize>(
     codes: &[u8],
     cols: usize,
     out: &mut [i32],
-) -> u8 {
-    let mut seen = [0u8; LANES];
-    let mut seen_tail = 0u8;
+) {
     for (blk_in, blk_out) in codes
         .chunks_exact(R * cols)
         .zip(out.chunks_exact_mut(W * cols))
@@ -207,7 +229,6 @@ fn pack_seq<const B: usize, const R: usize, const W: usize>(
                     .try_into()
                     .expect("tile");
                 for j in 0..LANES {
-                    seen[j] |= src[j];
                     acc[word][j] |= u32::from(src[j]) << shift;
                     if shift + B > 32 {
                         // The value straddles into the next word: its high bits start that word.
@@ -227,7 +248,6 @@ fn pack_seq<const B: usize, const R: usize, const W: usize>(
             for i in 0..R {
                 let bit = i * B;
                 let (word, shift) = (bit / 32, bit % 32);
-                seen_tail |= blk_in[i * cols + c];
                 let v = u32::from(blk_in[i * cols + c]);
                 acc[word] |= v << shift;
                 if shift + B > 32 {
@@ -239,7 +259,6 @@ fn pack_seq<const B: usize, const R: usize, const W: usize>(
             }
         }
     }
-    seen.iter().fold(seen_tail, |a, &b| a | b)
 }
 
 fn unpack_seq<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {

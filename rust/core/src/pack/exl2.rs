@@ -124,6 +124,10 @@ impl Exl2Packed {
             None => (0..rows as i32).collect(),
         };
         let starts = layout.starts();
+        for (grp, &(r0, _)) in layout.groups().iter().zip(&starts) {
+            let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
+            check_codes("codes", part, cols, u32::from(grp.bits), r0)?;
+        }
 
         let np = padded(cols);
         let mut q_weight = vec![0i32; layout.qrows() * np];
@@ -135,31 +139,21 @@ impl Exl2Packed {
             outs.push(head);
             rest = tail;
         }
-        // Each group reports the OR of its codes; a group with bits set above its width holds
-        // an out-of-range code, located (for the message) only in that case.
-        let seen: Vec<u8> = outs
-            .into_par_iter()
+        outs.into_par_iter()
             .zip(layout.groups().par_iter().zip(&starts))
-            .map(|(out, (grp, &(r0, _)))| {
+            .for_each(|(out, (grp, &(r0, _)))| {
                 let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
                 if np == cols {
-                    pack_columns_into(part, cols, u32::from(grp.bits), out)
+                    pack_columns_into(part, cols, u32::from(grp.bits), out);
                 } else {
                     let zero = 1u8 << (grp.bits - 1);
                     let mut buf = vec![zero; grp.rows * np];
                     for (dst, src) in buf.chunks_exact_mut(np).zip(part.chunks_exact(cols)) {
                         dst[..cols].copy_from_slice(src);
                     }
-                    pack_columns_into(&buf, np, u32::from(grp.bits), out)
+                    pack_columns_into(&buf, np, u32::from(grp.bits), out);
                 }
-            })
-            .collect();
-        for ((grp, &(r0, _)), or) in layout.groups().iter().zip(&starts).zip(seen) {
-            if or >> grp.bits != 0 {
-                let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
-                check_codes("codes", part, cols, u32::from(grp.bits), r0)?;
-            }
-        }
+            });
 
         let mut q_scale = vec![0i32; g * np / 8];
         let mut stored = vec![0u8; np]; // padded columns store 0 (scale 1): their codes are zero

@@ -142,6 +142,7 @@ impl GptqPacked {
         check_len("qzeros", zeros.len(), &[groups, cols])?;
         check_len("scales", scales.len(), &[groups, cols])?;
         check_g_idx(g_idx, groups)?;
+        check_codes("codes", codes, cols, bits, 0)?;
         let top = 1u16 << bits;
         if let Some(p) = zeros.iter().position(|&z| z == 0 || z > top) {
             return Err(PackError::OutOfRange {
@@ -163,9 +164,7 @@ impl GptqPacked {
             });
         }
         let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
-        if pack_columns_into(codes, cols, bits, &mut qweight) >> bits != 0 {
-            check_codes("codes", codes, cols, bits, 0)?;
-        }
+        pack_columns_into(codes, cols, bits, &mut qweight);
         let zw = cols * bits as usize / 32;
         let mut qzeros = vec![0i32; groups * zw];
         let mut stored = vec![0u8; cols];

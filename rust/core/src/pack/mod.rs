@@ -16,7 +16,8 @@ pub mod gptq;
 pub mod layout;
 
 pub use bits::{
-    pack_columns, pack_columns_into, rows_per_block, unpack_columns, EXL2_BITS, GPTQ_BITS,
+    pack_columns, pack_columns_into, pack_columns_to, rows_per_block, unpack_columns,
+    unpack_columns_to, EXL2_BITS, GPTQ_BITS,
 };
 pub use exl2::{Exl2Packed, Exl2Tensors, Exl2Unpacked};
 pub use gptq::{g_idx as gptq_g_idx, GptqPacked, GptqTensors, GptqUnpacked};
