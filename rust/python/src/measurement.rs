@@ -90,7 +90,7 @@ impl PyMeasurement {
         self.inner
             .linears
             .iter()
-            .map(|l| (l.in_features as u64, l.out_features as u64))
+            .map(|l| (l.in_features, l.out_features))
             .collect()
     }
 
