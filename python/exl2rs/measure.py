@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import json
 import os
 import sys
@@ -25,11 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from exl2rs import gptq
+from exl2rs._core import Measurement
 from exl2rs.errors import (
     CalibrationError,
     Exl2Error,
@@ -37,11 +37,9 @@ from exl2rs.errors import (
     ModelError,
     UnsupportedArchitectureError,
 )
+from exl2rs.qparams import QParams
 
-if TYPE_CHECKING:
-    from exl2rs.qparams import QParams
-
-__all__ = ["FORMAT", "VERSION", "add_arguments", "measure", "run", "to_exllamav2"]
+__all__ = ["FORMAT", "VERSION", "add_arguments", "measure", "run"]
 
 FORMAT = "exl2rs.measurement"
 VERSION = 1
@@ -679,9 +677,12 @@ def _measure(
         "linears": linears_out,
         "modules": modules_out,
     }
-    _save_native(native, out_path)
+    # The Rust loader validates the file (config costs, indices, finiteness) before the atomic
+    # write; exllamav2's measurement.json comes from the same validated object.
+    measurement = Measurement.from_json(_json_bytes(native).decode())
+    measurement.save(out_path)
     if write_exllamav2 is not None:
-        atomic_write_bytes(Path(write_exllamav2), _json_bytes(to_exllamav2(native)))
+        measurement.write_exllamav2(Path(write_exllamav2))
     # The checkpoint is spent once the file is written.
     if job is not None:
         (job_path / job["states"]).unlink(missing_ok=True)
@@ -691,46 +692,6 @@ def _measure(
     except OSError:
         pass
     return out_path
-
-
-def _save_native(native: dict[str, Any], path: Path) -> None:
-    # The lead's Rust-validated writer, once it exists; plain atomic JSON until then.
-    try:
-        measurement_io = importlib.import_module("exl2rs.measurement_io")
-    except ImportError:
-        atomic_write_bytes(path, _json_bytes(native))
-        return
-    measurement_io.save_native(native, path)
-
-
-def _qparams_from_native(c: dict[str, Any]) -> dict[str, Any]:
-    """exllamav2's QParams dict ({"group_size": {"4": 128}, ...}) from a native config entry."""
-    return {
-        "group_size": {str(b): int(g) for b, g in zip(c["bits"], c["group_size"], strict=True)},
-        "bits": [int(b) for b in c["bits"]],
-        "bits_prop": [float(p) for p in c["bits_prop"]],
-        "scale_bits": int(c["scale_bits"]),
-    }
-
-
-def to_exllamav2(native: Mapping[str, Any]) -> dict[str, Any]:
-    """exllamav2's ``measurement.json`` object (its §3.3 form) from a native measurement."""
-    configs = native["configs"]
-    out: dict[str, Any] = {}
-    for mod in native["modules"]:
-        rows = []
-        for row in mod["rows"]:
-            entry: dict[str, Any] = {"accuracy": row["accuracy"], "total_bits": row["total_bits"]}
-            for kind, idx in row["configs"].items():
-                entry[kind] = _qparams_from_native(configs[idx])
-            rows.append(entry)
-        out[mod["name"]] = rows
-    # exllamav2 indexes modules as embedding, (attn, mlp) per layer, final norm, head.
-    return {"measurement": out, "last_module_idx": 2 * int(native["model"]["num_layers"]) + 1}
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
