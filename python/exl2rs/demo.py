@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=512, help="tokens per row (-ml)")
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
     ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for measuring")
     args = ap.parse_args(argv)
 
     model = fixtures.smollm2_dir()
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         length=args.length,
         device=args.device,
         write_exllamav2=args.out / "measurement.json",
+        threads=args.threads,
     )
     measure_s = time.perf_counter() - t0
     m = Measurement.load(native)
