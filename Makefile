@@ -47,10 +47,16 @@ test-py: setup
 test: lint test-rust test-py
 
 bench: setup
-	cargo run --release -p exl2rs-bench -- alloc --model all
-	cargo run --release -p exl2rs-bench -- pack
+	cargo build --release -p exl2rs-bench
+	./target/release/exl2rs-bench alloc --model 70b
+	./target/release/exl2rs-bench alloc --model 70b --fused
+	./target/release/exl2rs-bench frontier --model 70b --threads 2
+	./target/release/exl2rs-bench anneal --model 8b --targets 3.0:6.0:1.5
+	./target/release/exl2rs-bench pack
 	$(PY) benches/bench_allocate.py
 	$(PY) benches/bench_pack.py
+	$(PY) benches/bench_gptq.py
+	$(PY) benches/bench_measure.py --depths 1 3 30 --rows 16 --length 256
 
 clean:
 	cargo clean
