@@ -294,3 +294,29 @@ def test_gptq_beats_rtn_and_exl2_rule_on_smollm2(
     # Hessian-weighted scale search: lower tr(ΔW H ΔWᵀ) on average and on most configs.
     assert sum(ratios) / len(ratios) < 0.99, ratios
     assert sum(r < 1.0 for r in ratios) >= 0.7 * len(ratios), ratios
+
+
+def test_module_subset_is_causal_prefix_or_spread_positions() -> None:
+    states = torch.arange(2 * 10 * 3, dtype=torch.float32).reshape(2, 10, 3)
+    assert measure.module_subset(states, None, "mlp") is states
+    assert measure.module_subset(states, 20, "self_attn") is states
+    attn = measure.module_subset(states, 7, "self_attn")  # ceil(7 / 2) = 4 tokens per row
+    assert torch.equal(attn, states[:, :4])
+    mlp = measure.module_subset(states, 7, "mlp")
+    assert torch.equal(mlp, states[:, [0, 3, 6, 9]])
+
+
+def test_module_tokens_subset_changes_only_module_accuracy(
+    measured: dict[str, Any], tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    sub = json.loads(_run(tiny_llama_dir, tmp_path / "sub.json", module_tokens=48).read_text())
+    full = measured["native"]
+    # Hessians and reference states use every token: per-linear records are unchanged.
+    assert sub["linears"] == full["linears"]
+    acc_sub = [r["accuracy"] for m in sub["modules"] for r in m["rows"]]
+    acc_full = [r["accuracy"] for m in full["modules"] for r in m["rows"]]
+    assert acc_sub != acc_full
+    # 16 of 48 tokens per row still rank and size the rows like the full set.
+    assert max(abs(a - b) for a, b in zip(acc_sub, acc_full, strict=True)) < 0.05
+    with pytest.raises(ValueError, match="module_tokens must be positive"):
+        _run(tiny_llama_dir, tmp_path / "bad.json", module_tokens=0)

@@ -48,6 +48,8 @@ ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 # exllamav2 aborts when the best row of a module is this inaccurate ("Measurement/inference error").
 MIN_BEST_ACCURACY = 0.1
+# Calibration tokens on which the 19 + 17 joint table rows are scored (see ``measure``).
+DEFAULT_MODULE_TOKENS = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +270,23 @@ def _relative_error(y_q: torch.Tensor, y_ref: torch.Tensor) -> float:
     return float((num / den).mean())
 
 
+def module_subset(states: torch.Tensor, module_tokens: int | None, kind: str) -> torch.Tensor:
+    """The fixed token subset of ``states [rows, length, hidden]`` the joint rows are scored on.
+
+    Every row keeps ``ceil(module_tokens / rows)`` tokens: for attention a prefix (causal, so the
+    prefix's outputs need no later token), for the MLP (per-token) positions spread evenly over
+    the whole row. ``None`` or a budget covering everything keeps all tokens.
+    """
+    rows, length = int(states.shape[0]), int(states.shape[1])
+    if module_tokens is None or module_tokens >= rows * length:
+        return states
+    per_row = min(length, max(1, -(-module_tokens // rows)))
+    if kind == "self_attn":
+        return states[:, :per_row].contiguous()
+    pos = torch.linspace(0, length - 1, per_row, dtype=torch.float64).round().to(torch.int64)
+    return states[:, pos].contiguous()
+
+
 def _measure_module(
     *,
     block: torch.nn.Module,
@@ -280,6 +299,7 @@ def _measure_module(
     config_index: Callable[[QParams], int],
     device: torch.device,
     tick: Callable[[str, int], None],
+    module_tokens: int | None = DEFAULT_MODULE_TOKENS,
 ) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
     """Measure one module; returns its reference output, linear records and module record."""
     module_full = module.full_name
@@ -336,7 +356,14 @@ def _measure_module(
             tick(f"{lin.kind} x{len(configs)}", len(configs))
         del prepared
 
-    # EXL2's joint rows on the same reference inputs.
+    # EXL2's joint rows on a fixed token subset of the same reference inputs (the reference
+    # output of the subset comes from the same forward, so only quantization differs).
+    sub_states = module_subset(states, module_tokens, module.kind)
+    if sub_states is states:
+        y_ref_sub = y_ref
+    else:
+        with torch.no_grad():
+            y_ref_sub = forward(block, layer, sub_states)
     by_kind = {lin.kind: lin for lin in module.linears}
     rows_out: list[dict[str, Any]] = []
     try:
@@ -360,8 +387,8 @@ def _measure_module(
                 out_f, in_f = dst.shape
                 total += int(q.total_bits(int(in_f), int(out_f)))
             with torch.no_grad():
-                y_q = forward(block, layer, states)
-            accuracy = max(1e-6, 1.0 - _relative_error(y_q, y_ref))
+                y_q = forward(block, layer, sub_states)
+            accuracy = max(1e-6, 1.0 - _relative_error(y_q, y_ref_sub))
             rows_out.append(
                 {
                     "accuracy": accuracy,
@@ -401,7 +428,13 @@ class _hooked:
 
 
 def _job_header(
-    model_h: str, cal_h: str, cand_h: str, rows: int, length: int, num_layers: int
+    model_h: str,
+    cal_h: str,
+    cand_h: str,
+    rows: int,
+    length: int,
+    num_layers: int,
+    module_tokens: int | None,
 ) -> dict[str, Any]:
     return {
         "format": JOB_FORMAT,
@@ -412,6 +445,7 @@ def _job_header(
         "rows": rows,
         "length": length,
         "num_layers": num_layers,
+        "module_tokens": module_tokens,
     }
 
 
@@ -480,6 +514,7 @@ def measure(
     progress: bool = True,
     threads: int | None = None,
     on_layer_done: Callable[[int], None] | None = None,
+    module_tokens: int | None = DEFAULT_MODULE_TOKENS,
 ) -> Path:
     """Measure ``model_dir`` and write the native measurement file to ``out_path``.
 
@@ -493,7 +528,18 @@ def measure(
     ``threads`` sets torch's CPU threads for the run (restored after): on a shared machine one
     thread avoids the thread-pool stalls that make small ops orders of magnitude slower.
     ``on_layer_done(i)`` runs after layer ``i`` is checkpointed.
+
+    Token budget: Hessians and the reference forward (which produces the next layer's states) use
+    every calibration token. The joint table rows (19 attention + 17 MLP module forwards per
+    layer, used only for exllamav2's ``accuracy`` = 1 − mean relative output error) are scored on
+    a fixed subset of about ``module_tokens`` tokens (:func:`module_subset`: an attention prefix /
+    evenly spread MLP positions in every row); ``None`` scores them on all tokens. At 16 × 2048
+    those forwards are ~3 TFLOP per layer on all tokens — most of a CPU run — and the accuracy
+    from 4096 tokens differs from the all-token one by well under the gaps between table rows
+    (benches/RESULTS.md, "Full measurement").
     """
+    if module_tokens is not None and module_tokens < 1:
+        raise ValueError(f"module_tokens must be positive or None, got {module_tokens}")
     saved_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
@@ -513,6 +559,7 @@ def measure(
             seed=seed,
             progress=progress,
             on_layer_done=on_layer_done,
+            module_tokens=module_tokens,
         )
     finally:
         torch.set_num_threads(saved_threads)
@@ -532,6 +579,7 @@ def _measure(
     seed: int,
     progress: bool,
     on_layer_done: Callable[[int], None] | None,
+    module_tokens: int | None,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -560,7 +608,13 @@ def _measure(
     cands = default_candidates(candidates)
     num_layers = int(sm.num_layers)
     header = _job_header(
-        model_hash(model_dir), _tokens_hash(tokens), cands.digest(), rows, length, num_layers
+        model_hash(model_dir),
+        _tokens_hash(tokens),
+        cands.digest(),
+        rows,
+        length,
+        num_layers,
+        module_tokens,
     )
     job_path = Path(job_dir) if job_dir is not None else out_path.with_name(out_path.name + ".job")
     job_path.mkdir(parents=True, exist_ok=True)
@@ -629,6 +683,7 @@ def _measure(
                     config_index=config_index,
                     device=dev,
                     tick=tick,
+                    module_tokens=module_tokens,
                 )
                 linears_out.extend(recs)
                 modules_out.append(mod_rec)
@@ -719,6 +774,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--job-dir", default=None, help="checkpoint folder (default: <out>.job); reruns resume"
     )
+    parser.add_argument(
+        "--module-tokens",
+        dest="module_tokens",
+        type=int,
+        default=DEFAULT_MODULE_TOKENS,
+        help="calibration tokens the joint table rows (exllamav2's accuracy) are scored on: an "
+        "attention prefix / spread MLP positions of every row; 0 = all tokens. Hessians and the "
+        f"reference states always use all tokens (default {DEFAULT_MODULE_TOKENS})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -738,6 +802,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.no_progress,
             threads=args.threads,
+            module_tokens=args.module_tokens or None,
         )
     except Exl2Error as exc:
         print(f"exl2rs measure: error: {exc}", file=sys.stderr)
