@@ -4,13 +4,14 @@ Each run is a fresh subprocess (so ``ru_maxrss`` is its own peak): the truncated
 (``fixtures.truncated_model_dir(n)``) and the full 30-layer model, all on the same calibration
 rows. Prints wall time, seconds per layer and peak RSS per depth, and writes JSON.
 
-    nice .venv/bin/python benches/bench_measure.py --depths 1 3 30 --rows 16 --length 256
+    nice .venv/bin/python benches/bench_measure.py --depths 1 3 30 --rows 16 --length 2048
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ t0 = time.perf_counter()
 measure.measure(model, out, calibration="default", rows=rows, length=length, device="cpu",
                 progress=False, threads=threads)
 wall = time.perf_counter() - t0
-print(json.dumps({"layers": n, "wall_s": wall,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"layers": n, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "bytes": out.stat().st_size}))
 """
@@ -37,7 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 3, 30])
     ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=Path("benches/bench_measure.json"))
     args = ap.parse_args()
@@ -62,7 +64,8 @@ def main() -> int:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(res)
             print(
-                f"depth {n}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB",
+                f"depth {n}: {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU, "
+                f"peak RSS {res['peak_rss_mib']:.0f} MiB, load {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
     base = results[0]
@@ -70,10 +73,14 @@ def main() -> int:
         f"\nSmolLM2-135M measurement, calibration 'default' {args.rows} x {args.length} tokens, "
         f"default candidates, CPU, {args.threads} torch thread(s)"
     )
-    print(f"{'layers':>6} {'wall s':>8} {'s/layer':>8} {'peak RSS MiB':>13} {'RSS vs first':>13}")
+    print(
+        f"{'layers':>6} {'wall s':>8} {'CPU s':>8} {'s/layer':>8} {'peak RSS MiB':>13} "
+        f"{'RSS vs first':>13}"
+    )
     for r in results:
         print(
-            f"{r['layers']:>6} {r['wall_s']:>8.1f} {r['wall_s'] / r['layers']:>8.1f} "
+            f"{r['layers']:>6} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
+            f"{r['wall_s'] / r['layers']:>8.1f} "
             f"{r['peak_rss_mib']:>13.0f} {r['peak_rss_mib'] / base['peak_rss_mib']:>12.2f}x"
         )
     args.json.write_text(
