@@ -164,11 +164,21 @@ impl Flat {
     }
 }
 
-/// Per-option record of the hot loop: cost and err^norm side by side.
+/// Per-option record of the hot loop: cost and err^norm side by side (16 bytes).
 #[derive(Clone, Copy)]
 struct Rec {
     cost: u64,
     pw: f64,
+}
+
+/// Per-slot state of the hot loop: first option (flat index), option count, current option
+/// (flat index). 16 bytes, so a slot never straddles a cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct SlotState {
+    offset: u32,
+    len: u32,
+    cur: u32,
 }
 
 struct RunOut {
@@ -188,7 +198,54 @@ fn score(slots: &[Vec<(u64, f64)>], choice: &[u32], norm: f64) -> (f64, f64) {
     (energy, max_err)
 }
 
+/// Relative error allowed to [`exp_neg_approx`] before the exact `exp` decides; far above its
+/// real error (≈ 1e-12 with the 1/T rounding), far below the spacing that matters for U.
+const EXP_TOL: f64 = 1e-9;
+
+/// e^−x for 0 ≤ x ≤ 700 to ≈ 1e-12 relative, branch-free: x·log2(e) = n + f with n integer,
+/// e^−x = 2^−n · e^r, r = −x + n·ln 2 ∈ [−ln2/2, ln2/2], e^r by its degree-10 Taylor polynomial
+/// (truncation ≤ 0.347^11/11! ≈ 2e-13).
+#[inline(always)]
+fn exp_neg_approx(x: f64) -> f64 {
+    // 1.5·2^52: adding it rounds to an integer held in the low mantissa bits.
+    const SHIFT: f64 = 6_755_399_441_055_744.0;
+    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    let k = x * std::f64::consts::LOG2_E + SHIFT;
+    let n = k - SHIFT;
+    let bits = k.to_bits().wrapping_sub(SHIFT.to_bits()) as i64;
+    let r = (n * LN2_HI - x) + n * LN2_LO;
+    // Estrin-ish evaluation of Σ r^k/k!, k = 0..10.
+    let r2 = r * r;
+    let r4 = r2 * r2;
+    let p01 = 1.0 + r;
+    let p23 = 0.5 + r * (1.0 / 6.0);
+    let p45 = 1.0 / 24.0 + r * (1.0 / 120.0);
+    let p67 = 1.0 / 720.0 + r * (1.0 / 5040.0);
+    let p89 = 1.0 / 40320.0 + r * (1.0 / 362_880.0);
+    let p10 = 1.0 / 3_628_800.0;
+    let lo = p01 + r2 * p23;
+    let hi = p45 + r2 * p67 + r4 * (p89 + r2 * p10);
+    let poly = lo + r4 * hi;
+    // x ≤ 700 keeps n ≤ 1010, so the scale 2^−n is a normal number.
+    let scale = f64::from_bits(((1023 - bits) as u64) << 52);
+    poly * scale
+}
+
+/// The acceptance test of [`run_reference`], for the proposals [`exp_neg_approx`] cannot
+/// decide. Out of line so that the compiler cannot fold its conditions into the hot loop's
+/// branch (that would bring back an unpredictable branch on the sign of Δe).
+#[cold]
+#[inline(never)]
+fn exact_accept(feasible: bool, de: f64, u: f64, temp: f64) -> bool {
+    feasible && (de < 0.0 || u < (-de / temp).exp())
+}
+
 /// One optimised SA run. Returns None when cancelled.
+///
+/// Branch-free per proposal: the acceptance test `U < e^{−Δe/T}` is decided from
+/// [`exp_neg_approx`] unless U lies within [`EXP_TOL`] of it (or U = 0), which never happens in
+/// practice; then the exact `exp` decides, exactly as in [`run_reference`].
 fn run_fast(
     flat: &Flat,
     slots: &[Vec<(u64, f64)>],
@@ -198,6 +255,7 @@ fn run_fast(
     stream: u64,
     cancel: &AtomicBool,
 ) -> Option<RunOut> {
+    // err^norm once per run (the norm is fixed per run): no powf in the hot loop.
     let recs: Vec<Rec> = flat
         .cost
         .iter()
@@ -209,63 +267,67 @@ fn run_fast(
         .collect();
     let n = flat.slot.len() as u32;
     let mut rng = Rng::new(p.seed, stream);
-    // Per slot: (offset, option count, flat index of the current option).
-    let mut state: Vec<(u32, u32, u32)> = flat.slot.iter().map(|&(o, l)| (o, l, o)).collect();
-    let mut cost: u64 = state.iter().map(|s| flat.cost[s.2 as usize]).sum();
+    let mut state: Vec<SlotState> = flat
+        .slot
+        .iter()
+        .map(|&(offset, len)| SlotState {
+            offset,
+            len,
+            cur: offset,
+        })
+        .collect();
+    debug_assert!(flat
+        .slot
+        .iter()
+        .all(|&(o, l)| l >= 1 && (o + l) as usize <= recs.len()));
+    let mut cost: u64 = state.iter().map(|s| recs[s.cur as usize].cost).sum();
     let mut temp = p.temp_max;
+    let st = state.as_mut_ptr();
+    let rp = recs.as_ptr();
     for _ in 0..p.outer_steps() {
         if cancel.load(Ordering::Relaxed) {
             return None;
         }
+        let inv_t = 1.0 / temp;
         for _ in 0..p.iterations {
             let (hi, lo) = rng.halves();
             let i = scale(hi, n);
-            let (offset, len, cur) = state[i];
-            let j_new = offset as usize + scale(lo, len);
-            let old = recs[cur as usize];
-            let new = recs[j_new];
+            debug_assert!(i < state.len());
+            // SAFETY: scale(hi, n) < n = state.len() since hi < 2^32.
+            let slot = unsafe { *st.add(i) };
+            let j_new = slot.offset as usize + scale(lo, slot.len);
+            debug_assert!(j_new < recs.len() && (slot.cur as usize) < recs.len());
+            // SAFETY: j_new < offset + len ≤ recs.len() (checked above in debug builds), and
+            // cur is always some offset + k with k < len.
+            let (old, new) = unsafe { (*rp.add(slot.cur as usize), *rp.add(j_new)) };
             let new_cost = cost - old.cost + new.cost;
             let feasible = new_cost <= budget;
             let de = new.pw - old.pw;
-            let need_u = feasible & (de >= 0.0);
             let u = rng.unit();
-            // e^−x ≥ 1 − x: with x = Δe/T this accepts without dividing or calling exp; the
-            // margin covers the rounding of x = fl(Δe/T) and of both sides.
-            let sure = (1.0 - u - 4.0 * METROPOLIS_MARGIN) * temp > de;
-            let mut accept = feasible & ((de < 0.0) | sure);
-            if need_u & !sure {
-                // Rare: only late in the schedule, when Δe/T is not small.
-                accept = metropolis(u, de / temp);
+            let x = (de * inv_t).clamp(0.0, 700.0);
+            let y = exp_neg_approx(x);
+            let up = de >= 0.0;
+            let mut accept = feasible & ((de < 0.0) | (up & (u < y)));
+            // Independent of feasibility and of the sign of Δe so that it stays one rarely
+            // taken branch (y = 1 when Δe < 0); the exact test then decides everything.
+            if ((u - y).abs() <= EXP_TOL * y) | (u == 0.0) {
+                accept = exact_accept(feasible, de, u, temp);
             }
-            state[i].2 = if accept { j_new as u32 } else { cur };
-            cost = if accept { new_cost } else { cost };
+            let m = (accept as u64).wrapping_neg();
+            let cur = slot.cur ^ ((slot.cur ^ j_new as u32) & m as u32);
+            // SAFETY: i < state.len() as above.
+            unsafe { (*st.add(i)).cur = cur };
+            cost ^= (cost ^ new_cost) & m;
         }
         temp *= p.cooling_factor;
     }
-    let choice: Vec<u32> = state.iter().map(|&(o, _, j)| j - o).collect();
+    let choice: Vec<u32> = state.iter().map(|s| s.cur - s.offset).collect();
     let (energy, max_err) = score(slots, &choice, norm);
     Some(RunOut {
         choice,
         energy,
         max_err,
     })
-}
-
-/// Exceeds the rounding error of both sides of the bounds in [`metropolis`].
-const METROPOLIS_MARGIN: f64 = 1e-14;
-
-/// `u < exp(−x)` for x ≥ 0, deciding from the bounds 1 − x ≤ e^−x ≤ 1/(1 + x + x²/2) when they
-/// settle it (almost always: x is tiny for most of the schedule) and calling `exp` otherwise.
-/// The margins exceed the rounding of both sides, so the decision equals `u < (-x).exp()`.
-#[inline(always)]
-fn metropolis(u: f64, x: f64) -> bool {
-    if u < 1.0 - x - METROPOLIS_MARGIN {
-        return true;
-    }
-    if u * (1.0 + x * (1.0 + 0.5 * x)) >= 1.0 + METROPOLIS_MARGIN {
-        return false;
-    }
-    u < (-x).exp()
 }
 
 /// The straightforward implementation of one run (the bench baseline).
@@ -473,19 +535,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metropolis_shortcuts_match_exp() {
+    fn exp_approx_within_tolerance() {
         let mut rng = Rng::new(7, 0);
         for i in 0..2_000_000u64 {
-            let u = rng.unit();
-            // x over many decades, including values where 1 − x and e^−x round alike.
-            let x = 10f64.powf(-18.0 + 21.0 * rng.unit());
-            assert_eq!(metropolis(u, x), u < (-x).exp(), "case {i}: u={u} x={x}");
-            let near = (-x).exp() * (1.0 + (rng.unit() - 0.5) * 1e-15);
-            assert_eq!(
-                metropolis(near, x),
-                near < (-x).exp(),
-                "near case {i}: x={x}"
+            // x over many decades up to the clamp.
+            let x = if i % 2 == 0 {
+                700.0 * rng.unit()
+            } else {
+                10f64.powf(-18.0 + 20.8 * rng.unit())
+            };
+            let exact = (-x).exp();
+            let approx = exp_neg_approx(x);
+            assert!(
+                (approx - exact).abs() <= 1e-11 * exact,
+                "case {i}: x={x} approx={approx} exact={exact}"
             );
         }
+        assert_eq!(exp_neg_approx(0.0), 1.0);
     }
 }
