@@ -171,16 +171,6 @@ struct Rec {
     pw: f64,
 }
 
-/// Per-slot state of the hot loop: first option (flat index), option count, current option
-/// (flat index). 16 bytes, so a slot never straddles a cache line.
-#[derive(Clone, Copy)]
-#[repr(C, align(16))]
-struct SlotState {
-    offset: u32,
-    len: u32,
-    cur: u32,
-}
-
 struct RunOut {
     choice: Vec<u32>,
     energy: f64,
@@ -198,43 +188,48 @@ fn score(slots: &[Vec<(u64, f64)>], choice: &[u32], norm: f64) -> (f64, f64) {
     (energy, max_err)
 }
 
-/// Relative error allowed to [`exp_neg_approx`] before the exact `exp` decides; far above its
-/// real error (≈ 1e-12 with the 1/T rounding), far below the spacing that matters for U.
-const EXP_TOL: f64 = 1e-9;
-
-/// e^−x for 0 ≤ x ≤ 700 to ≈ 1e-12 relative, branch-free: x·log2(e) = n + f with n integer,
-/// e^−x = 2^−n · e^r, r = −x + n·ln 2 ∈ [−ln2/2, ln2/2], e^r by its degree-10 Taylor polynomial
-/// (truncation ≤ 0.347^11/11! ≈ 2e-13).
+/// −ln u for u ∈ (0, 1] to ≈ 1e-10 relative (+∞ for u = 0), branch-free: u = m·2^e with
+/// m ∈ [√½, √2), ln m = 2·atanh(s) with s = (m − 1)/(m + 1), |s| ≤ 0.172, by its series to s¹¹
+/// (truncation ≤ 2·0.172¹³/13 ≈ 2e-11 relative).
 #[inline(always)]
-fn exp_neg_approx(x: f64) -> f64 {
-    // 1.5·2^52: adding it rounds to an integer held in the low mantissa bits.
-    const SHIFT: f64 = 6_755_399_441_055_744.0;
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
-    let k = x * std::f64::consts::LOG2_E + SHIFT;
-    let n = k - SHIFT;
-    let bits = k.to_bits().wrapping_sub(SHIFT.to_bits()) as i64;
-    let r = (n * LN2_HI - x) + n * LN2_LO;
-    // Estrin-ish evaluation of Σ r^k/k!, k = 0..10.
-    let r2 = r * r;
-    let r4 = r2 * r2;
-    let p01 = 1.0 + r;
-    let p23 = 0.5 + r * (1.0 / 6.0);
-    let p45 = 1.0 / 24.0 + r * (1.0 / 120.0);
-    let p67 = 1.0 / 720.0 + r * (1.0 / 5040.0);
-    let p89 = 1.0 / 40320.0 + r * (1.0 / 362_880.0);
-    let p10 = 1.0 / 3_628_800.0;
-    let lo = p01 + r2 * p23;
-    let hi = p45 + r2 * p67 + r4 * (p89 + r2 * p10);
-    let poly = lo + r4 * hi;
-    // x ≤ 700 keeps n ≤ 1010, so the scale 2^−n is a normal number.
-    let scale = f64::from_bits(((1023 - bits) as u64) << 52);
-    poly * scale
+fn neg_ln_approx(u: f64) -> f64 {
+    const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
+    let bits = u.to_bits();
+    let e = (bits.wrapping_sub(SQRT_HALF_BITS) as i64) >> 52;
+    let m = f64::from_bits(bits.wrapping_sub((e as u64) << 52));
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let s4 = s2 * s2;
+    let p = (1.0 + s2 * (1.0 / 3.0))
+        + s4 * ((1.0 / 5.0 + s2 * (1.0 / 7.0)) + s4 * (1.0 / 9.0 + s2 * (1.0 / 11.0)));
+    let l = -(e as f64 * std::f64::consts::LN_2 + 2.0 * s * p);
+    if u == 0.0 {
+        f64::INFINITY
+    } else {
+        l
+    }
 }
 
-/// The acceptance test of [`run_reference`], for the proposals [`exp_neg_approx`] cannot
-/// decide. Out of line so that the compiler cannot fold its conditions into the hot loop's
-/// branch (that would bring back an unpredictable branch on the sign of Δe).
+/// Margins around T·(−ln U) inside which the exact test decides: relative (far above the error
+/// of [`neg_ln_approx`] and of the roundings) and absolute, in units of T (covers U ≈ 1).
+const LN_REL_TOL: f64 = 1e-7;
+const LN_ABS_TOL: f64 = 1e-12;
+
+/// Proposals per batch (bounds the buffer when `iterations` is large); 24 KiB of buffer.
+const BATCH: usize = 1024;
+
+/// One pre-drawn proposal: slot, flat index of the proposed option, U and T·(−ln U).
+#[derive(Clone, Copy, Default)]
+struct Prop {
+    slot: u32,
+    opt: u32,
+    u: f64,
+    thr: f64,
+}
+
+/// The acceptance test of [`run_reference`], for the proposals the threshold cannot decide.
+/// Out of line so that the compiler cannot fold its conditions into the hot loop's branch (that
+/// would bring back an unpredictable branch on the sign of Δe).
 #[cold]
 #[inline(never)]
 fn exact_accept(feasible: bool, de: f64, u: f64, temp: f64) -> bool {
@@ -243,9 +238,11 @@ fn exact_accept(feasible: bool, de: f64, u: f64, temp: f64) -> bool {
 
 /// One optimised SA run. Returns None when cancelled.
 ///
-/// Branch-free per proposal: the acceptance test `U < e^{−Δe/T}` is decided from
-/// [`exp_neg_approx`] unless U lies within [`EXP_TOL`] of it (or U = 0), which never happens in
-/// practice; then the exact `exp` decides, exactly as in [`run_reference`].
+/// The generator does not depend on the state, so each batch of proposals is drawn first
+/// (slot, option, U, and the threshold T·(−ln U)): `U < e^{−Δe/T}` ⇔ `Δe < T·(−ln U)`. The
+/// sequential pass then only loads, subtracts and compares, branch-free; a Δe within
+/// [`LN_REL_TOL`] of the threshold (or U = 0) goes to [`exact_accept`], so every decision
+/// equals [`run_reference`]'s (in practice that branch is never taken).
 fn run_fast(
     flat: &Flat,
     slots: &[Vec<(u64, f64)>],
@@ -265,63 +262,76 @@ fn run_fast(
             pw: e.powf(norm),
         })
         .collect();
-    let n = flat.slot.len() as u32;
-    let mut rng = Rng::new(p.seed, stream);
-    let mut state: Vec<SlotState> = flat
-        .slot
-        .iter()
-        .map(|&(offset, len)| SlotState {
-            offset,
-            len,
-            cur: offset,
-        })
-        .collect();
-    debug_assert!(flat
-        .slot
+    let meta = &flat.slot;
+    let n = meta.len() as u32;
+    debug_assert!(meta
         .iter()
         .all(|&(o, l)| l >= 1 && (o + l) as usize <= recs.len()));
-    let mut cost: u64 = state.iter().map(|s| recs[s.cur as usize].cost).sum();
+    let mut rng = Rng::new(p.seed, stream);
+    // Flat index of the current option per slot; every slot starts at its first option.
+    let mut cur: Vec<u32> = meta.iter().map(|&(o, _)| o).collect();
+    let mut cost: u64 = cur.iter().map(|&j| recs[j as usize].cost).sum();
+    let mut buf = vec![Prop::default(); BATCH.min(p.iterations as usize)];
     let mut temp = p.temp_max;
-    let st = state.as_mut_ptr();
-    let rp = recs.as_ptr();
     for _ in 0..p.outer_steps() {
         if cancel.load(Ordering::Relaxed) {
             return None;
         }
-        let inv_t = 1.0 / temp;
-        for _ in 0..p.iterations {
-            let (hi, lo) = rng.halves();
-            let i = scale(hi, n);
-            debug_assert!(i < state.len());
-            // SAFETY: scale(hi, n) < n = state.len() since hi < 2^32.
-            let slot = unsafe { *st.add(i) };
-            let j_new = slot.offset as usize + scale(lo, slot.len);
-            debug_assert!(j_new < recs.len() && (slot.cur as usize) < recs.len());
-            // SAFETY: j_new < offset + len ≤ recs.len() (checked above in debug builds), and
-            // cur is always some offset + k with k < len.
-            let (old, new) = unsafe { (*rp.add(slot.cur as usize), *rp.add(j_new)) };
-            let new_cost = cost - old.cost + new.cost;
-            let feasible = new_cost <= budget;
-            let de = new.pw - old.pw;
-            let u = rng.unit();
-            let x = (de * inv_t).clamp(0.0, 700.0);
-            let y = exp_neg_approx(x);
-            let up = de >= 0.0;
-            let mut accept = feasible & ((de < 0.0) | (up & (u < y)));
-            // Independent of feasibility and of the sign of Δe so that it stays one rarely
-            // taken branch (y = 1 when Δe < 0); the exact test then decides everything.
-            if ((u - y).abs() <= EXP_TOL * y) | (u == 0.0) {
-                accept = exact_accept(feasible, de, u, temp);
+        let abs_tol = LN_ABS_TOL * temp;
+        let mut left = p.iterations as usize;
+        while left > 0 {
+            let m = left.min(buf.len());
+            left -= m;
+            let batch = &mut buf[..m];
+            // Pass 1: the draws, in the generator order of run_reference.
+            for e in batch.iter_mut() {
+                let (hi, lo) = rng.halves();
+                let i = scale(hi, n);
+                debug_assert!(i < meta.len());
+                // SAFETY: scale(hi, n) < n = meta.len() since hi < 2^32.
+                let (offset, len) = unsafe { *meta.get_unchecked(i) };
+                let u = rng.unit();
+                *e = Prop {
+                    slot: i as u32,
+                    opt: offset + scale(lo, len) as u32,
+                    u,
+                    thr: temp * neg_ln_approx(u),
+                };
             }
-            let m = (accept as u64).wrapping_neg();
-            let cur = slot.cur ^ ((slot.cur ^ j_new as u32) & m as u32);
-            // SAFETY: i < state.len() as above.
-            unsafe { (*st.add(i)).cur = cur };
-            cost ^= (cost ^ new_cost) & m;
+            // Pass 2: the Metropolis walk.
+            for e in batch.iter() {
+                debug_assert!((e.slot as usize) < cur.len() && (e.opt as usize) < recs.len());
+                // SAFETY: slot < meta.len() = cur.len() and opt < offset + len ≤ recs.len() by
+                // construction in pass 1; every cur is some such opt.
+                let (c, old, new) = unsafe {
+                    let c = *cur.get_unchecked(e.slot as usize);
+                    (
+                        c,
+                        *recs.get_unchecked(c as usize),
+                        *recs.get_unchecked(e.opt as usize),
+                    )
+                };
+                let new_cost = cost - old.cost + new.cost;
+                let feasible = new_cost <= budget;
+                let de = new.pw - old.pw;
+                let d = de - e.thr;
+                let half = e.thr * LN_REL_TOL + abs_tol;
+                let mut accept = feasible & (d < -half);
+                // NaN Δe: neither sure nor unsure, rejected (as by the reference).
+                if d.abs() <= half {
+                    accept = exact_accept(feasible, de, e.u, temp);
+                }
+                let mask = (accept as u64).wrapping_neg();
+                // SAFETY: as above.
+                unsafe {
+                    *cur.get_unchecked_mut(e.slot as usize) = c ^ ((c ^ e.opt) & mask as u32)
+                };
+                cost ^= (cost ^ new_cost) & mask;
+            }
         }
         temp *= p.cooling_factor;
     }
-    let choice: Vec<u32> = state.iter().map(|s| s.cur - s.offset).collect();
+    let choice: Vec<u32> = cur.iter().zip(meta).map(|(&j, &(o, _))| j - o).collect();
     let (energy, max_err) = score(slots, &choice, norm);
     Some(RunOut {
         choice,
@@ -535,22 +545,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exp_approx_within_tolerance() {
+    fn neg_ln_approx_within_tolerance() {
         let mut rng = Rng::new(7, 0);
         for i in 0..2_000_000u64 {
-            // x over many decades up to the clamp.
-            let x = if i % 2 == 0 {
-                700.0 * rng.unit()
+            // U as drawn, and U over many decades down to 2^-53.
+            let u = if i % 2 == 0 {
+                rng.unit()
             } else {
-                10f64.powf(-18.0 + 20.8 * rng.unit())
+                2f64.powf(-53.0 * rng.unit())
             };
-            let exact = (-x).exp();
-            let approx = exp_neg_approx(x);
+            if u == 0.0 {
+                continue;
+            }
+            let exact = -u.ln();
+            let approx = neg_ln_approx(u);
             assert!(
-                (approx - exact).abs() <= 1e-11 * exact,
-                "case {i}: x={x} approx={approx} exact={exact}"
+                (approx - exact).abs() <= 1e-9 * exact + 1e-15,
+                "case {i}: u={u} approx={approx} exact={exact}"
             );
         }
-        assert_eq!(exp_neg_approx(0.0), 1.0);
+        assert_eq!(neg_ln_approx(1.0), 0.0);
+        assert_eq!(neg_ln_approx(0.0), f64::INFINITY);
+        let tiny = 2f64.powi(-53);
+        assert!((neg_ln_approx(tiny) + tiny.ln()).abs() < 1e-12);
     }
 }
