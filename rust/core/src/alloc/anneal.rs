@@ -188,25 +188,69 @@ fn score(slots: &[Vec<(u64, f64)>], choice: &[u32], norm: f64) -> (f64, f64) {
     (energy, max_err)
 }
 
-/// −ln u for u ∈ (0, 1] to ≈ 1e-10 relative (+∞ for u = 0), branch-free: u = m·2^e with
-/// m ∈ [√½, √2), ln m = 2·atanh(s) with s = (m − 1)/(m + 1), |s| ≤ 0.172, by its series to s¹¹
-/// (truncation ≤ 2·0.172¹³/13 ≈ 2e-11 relative).
+/// −ln u for u ∈ (0, 1] to ≈ 1e-10 relative (+∞ for u = 0), branch-free and in integer and
+/// float operations that vectorise: u = m·2^e with m ∈ [√½, √2), ln m = 2·atanh(s) with
+/// s = (m − 1)/(m + 1), |s| ≤ 0.172, by its series to s¹¹ (truncation ≤ 2·0.172¹³/13 ≈ 2e-11
+/// relative).
 #[inline(always)]
 fn neg_ln_approx(u: f64) -> f64 {
     const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
+    const E_BIAS: u64 = 1024;
+    // 2^52: an integer k < 2^52 in the mantissa bits of 2^52 reads as 2^52 + k.
+    const TWO52: f64 = 4_503_599_627_370_496.0;
     let bits = u.to_bits();
-    let e = (bits.wrapping_sub(SQRT_HALF_BITS) as i64) >> 52;
-    let m = f64::from_bits(bits.wrapping_sub((e as u64) << 52));
+    // k = e + 1024 ∈ [1, 1025] for u ∈ [0, 1] (logical shifts only).
+    let k = bits.wrapping_sub(SQRT_HALF_BITS).wrapping_add(E_BIAS << 52) >> 52;
+    let m = f64::from_bits(bits.wrapping_add(E_BIAS << 52).wrapping_sub(k << 52));
+    let e = f64::from_bits(TWO52.to_bits() | k) - (TWO52 + E_BIAS as f64);
     let s = (m - 1.0) / (m + 1.0);
     let s2 = s * s;
     let s4 = s2 * s2;
     let p = (1.0 + s2 * (1.0 / 3.0))
         + s4 * ((1.0 / 5.0 + s2 * (1.0 / 7.0)) + s4 * (1.0 / 9.0 + s2 * (1.0 / 11.0)));
-    let l = -(e as f64 * std::f64::consts::LN_2 + 2.0 * s * p);
+    let l = -(e * std::f64::consts::LN_2 + 2.0 * s * p);
     if u == 0.0 {
         f64::INFINITY
     } else {
         l
+    }
+}
+
+/// thr[k] = T·(−ln u[k]) for a batch.
+#[inline(always)]
+fn thresholds_generic(u: &[f64], thr: &mut [f64], temp: f64) {
+    for (t, &u) in thr.iter_mut().zip(u) {
+        *t = temp * neg_ln_approx(u);
+    }
+}
+
+/// [`thresholds_generic`] compiled for AVX2 (4 lanes); the decisions do not depend on which
+/// version ran, since both stay far inside the margins.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn thresholds_avx2(u: &[f64], thr: &mut [f64], temp: f64) {
+    thresholds_generic(u, thr, temp)
+}
+
+#[inline(always)]
+fn thresholds(u: &[f64], thr: &mut [f64], temp: f64, avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller detected AVX2 at run time.
+        return unsafe { thresholds_avx2(u, thr, temp) };
+    }
+    let _ = avx2;
+    thresholds_generic(u, thr, temp)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -217,15 +261,6 @@ const LN_ABS_TOL: f64 = 1e-12;
 
 /// Proposals per batch (bounds the buffer when `iterations` is large); 24 KiB of buffer.
 const BATCH: usize = 1024;
-
-/// One pre-drawn proposal: slot, flat index of the proposed option, U and T·(−ln U).
-#[derive(Clone, Copy, Default)]
-struct Prop {
-    slot: u32,
-    opt: u32,
-    u: f64,
-    thr: f64,
-}
 
 /// The acceptance test of [`run_reference`], for the proposals the threshold cannot decide.
 /// Out of line so that the compiler cannot fold its conditions into the hot loop's branch (that
@@ -270,8 +305,15 @@ fn run_fast(
     let mut rng = Rng::new(p.seed, stream);
     // Flat index of the current option per slot; every slot starts at its first option.
     let mut cur: Vec<u32> = meta.iter().map(|&(o, _)| o).collect();
-    let mut cost: u64 = cur.iter().map(|&j| recs[j as usize].cost).sum();
-    let mut buf = vec![Prop::default(); BATCH.min(p.iterations as usize)];
+    let cost: u64 = cur.iter().map(|&j| recs[j as usize].cost).sum();
+    // The batch, structure of arrays: (slot, flat index of the proposed option), U, T·(−ln U).
+    let cap = BATCH.min(p.iterations as usize);
+    let (mut ix, mut us, mut thr) = (vec![[0u32; 2]; cap], vec![0.0f64; cap], vec![0.0f64; cap]);
+    let avx2 = has_avx2();
+    // budget − cost: the walk keeps it ≥ 0, and a move of cost change δ is feasible iff
+    // δ ≤ slack (the same test as cost − old + new ≤ budget).
+    debug_assert!(budget < i64::MAX as u64 && recs.iter().all(|r| r.cost < i64::MAX as u64));
+    let mut slack = (budget - cost) as i64;
     let mut temp = p.temp_max;
     for _ in 0..p.outer_steps() {
         if cancel.load(Ordering::Relaxed) {
@@ -280,53 +322,49 @@ fn run_fast(
         let abs_tol = LN_ABS_TOL * temp;
         let mut left = p.iterations as usize;
         while left > 0 {
-            let m = left.min(buf.len());
+            let m = left.min(cap);
             left -= m;
-            let batch = &mut buf[..m];
+            let (ix, us, thr) = (&mut ix[..m], &mut us[..m], &mut thr[..m]);
             // Pass 1: the draws, in the generator order of run_reference.
-            for e in batch.iter_mut() {
+            for (x, u) in ix.iter_mut().zip(us.iter_mut()) {
                 let (hi, lo) = rng.halves();
                 let i = scale(hi, n);
                 debug_assert!(i < meta.len());
                 // SAFETY: scale(hi, n) < n = meta.len() since hi < 2^32.
                 let (offset, len) = unsafe { *meta.get_unchecked(i) };
-                let u = rng.unit();
-                *e = Prop {
-                    slot: i as u32,
-                    opt: offset + scale(lo, len) as u32,
-                    u,
-                    thr: temp * neg_ln_approx(u),
-                };
+                *x = [i as u32, offset + scale(lo, len) as u32];
+                *u = rng.unit();
             }
-            // Pass 2: the Metropolis walk.
-            for e in batch.iter() {
-                debug_assert!((e.slot as usize) < cur.len() && (e.opt as usize) < recs.len());
+            // Pass 2: the thresholds (vectorised).
+            thresholds(us, thr, temp, avx2);
+            // Pass 3: the Metropolis walk. The loop-carried chain is slack → compare → select.
+            for ((&[slot, opt], &u), &t) in ix.iter().zip(us.iter()).zip(thr.iter()) {
+                debug_assert!((slot as usize) < cur.len() && (opt as usize) < recs.len());
                 // SAFETY: slot < meta.len() = cur.len() and opt < offset + len ≤ recs.len() by
                 // construction in pass 1; every cur is some such opt.
                 let (c, old, new) = unsafe {
-                    let c = *cur.get_unchecked(e.slot as usize);
+                    let c = *cur.get_unchecked(slot as usize);
                     (
                         c,
                         *recs.get_unchecked(c as usize),
-                        *recs.get_unchecked(e.opt as usize),
+                        *recs.get_unchecked(opt as usize),
                     )
                 };
-                let new_cost = cost - old.cost + new.cost;
-                let feasible = new_cost <= budget;
+                let delta = new.cost.wrapping_sub(old.cost) as i64;
                 let de = new.pw - old.pw;
-                let d = de - e.thr;
-                let half = e.thr * LN_REL_TOL + abs_tol;
-                let mut accept = feasible & (d < -half);
+                let d = de - t;
+                let half = t * LN_REL_TOL + abs_tol;
+                // Sure by the threshold: then feasibility alone decides.
+                let eff = if d < -half { delta } else { i64::MAX };
+                let mut accept = eff <= slack;
                 // NaN Δe: neither sure nor unsure, rejected (as by the reference).
                 if d.abs() <= half {
-                    accept = exact_accept(feasible, de, e.u, temp);
+                    accept = exact_accept(delta <= slack, de, u, temp);
                 }
-                let mask = (accept as u64).wrapping_neg();
+                let mask = (accept as u32).wrapping_neg();
                 // SAFETY: as above.
-                unsafe {
-                    *cur.get_unchecked_mut(e.slot as usize) = c ^ ((c ^ e.opt) & mask as u32)
-                };
-                cost ^= (cost ^ new_cost) & mask;
+                unsafe { *cur.get_unchecked_mut(slot as usize) = c ^ ((c ^ opt) & mask) };
+                slack = if accept { slack - delta } else { slack };
             }
         }
         temp *= p.cooling_factor;
