@@ -207,11 +207,14 @@ fn neg_ln_approx(u: f64) -> f64 {
     }
 }
 
-/// thr[k] = T·(−ln u[k]) for a batch.
+/// For a batch: thr[k] = T·(−ln u[k]) and the half-width hw[k] of the band around it in which
+/// the exact test decides.
 #[inline(always)]
-fn thresholds_generic(u: &[f64], thr: &mut [f64], temp: f64) {
-    for (t, &u) in thr.iter_mut().zip(u) {
+fn thresholds_generic(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64) {
+    let abs_tol = LN_ABS_TOL * temp;
+    for ((t, h), &u) in thr.iter_mut().zip(hw.iter_mut()).zip(u) {
         *t = temp * neg_ln_approx(u);
+        *h = *t * LN_REL_TOL + abs_tol;
     }
 }
 
@@ -219,19 +222,19 @@ fn thresholds_generic(u: &[f64], thr: &mut [f64], temp: f64) {
 /// version ran, since both stay far inside the margins.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn thresholds_avx2(u: &[f64], thr: &mut [f64], temp: f64) {
-    thresholds_generic(u, thr, temp)
+unsafe fn thresholds_avx2(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64) {
+    thresholds_generic(u, thr, hw, temp)
 }
 
 #[inline(always)]
-fn thresholds(u: &[f64], thr: &mut [f64], temp: f64, avx2: bool) {
+fn thresholds(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64, avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
         // SAFETY: the caller detected AVX2 at run time.
-        return unsafe { thresholds_avx2(u, thr, temp) };
+        return unsafe { thresholds_avx2(u, thr, hw, temp) };
     }
     let _ = avx2;
-    thresholds_generic(u, thr, temp)
+    thresholds_generic(u, thr, hw, temp)
 }
 
 fn has_avx2() -> bool {
@@ -299,7 +302,8 @@ fn run_fast(
     let cost: u64 = cur.iter().map(|&j| recs[j as usize].cost).sum();
     // The batch, structure of arrays: (slot, flat index of the proposed option), U, T·(−ln U).
     let cap = BATCH.min(p.iterations as usize);
-    let (mut ix, mut us, mut thr) = (vec![[0u32; 2]; cap], vec![0.0f64; cap], vec![0.0f64; cap]);
+    let mut ix = vec![[0u32; 2]; cap];
+    let (mut us, mut thr, mut hw) = (vec![0.0f64; cap], vec![0.0f64; cap], vec![0.0f64; cap]);
     let avx2 = has_avx2();
     // budget − cost: the walk keeps it ≥ 0, and a move of cost change δ is feasible iff
     // δ ≤ slack (the same test as cost − old + new ≤ budget).
@@ -310,12 +314,12 @@ fn run_fast(
         if cancel.load(Ordering::Relaxed) {
             return None;
         }
-        let abs_tol = LN_ABS_TOL * temp;
         let mut left = p.iterations as usize;
         while left > 0 {
             let m = left.min(cap);
             left -= m;
-            let (ix, us, thr) = (&mut ix[..m], &mut us[..m], &mut thr[..m]);
+            let (ix, us) = (&mut ix[..m], &mut us[..m]);
+            let (thr, hw) = (&mut thr[..m], &mut hw[..m]);
             // Pass 1: the draws, in the generator order of run_reference.
             for (x, u) in ix.iter_mut().zip(us.iter_mut()) {
                 let (hi, lo) = rng.halves();
@@ -327,9 +331,10 @@ fn run_fast(
                 *u = rng.unit();
             }
             // Pass 2: the thresholds (vectorised).
-            thresholds(us, thr, temp, avx2);
+            thresholds(us, thr, hw, temp, avx2);
             // Pass 3: the Metropolis walk. The loop-carried chain is slack → compare → select.
-            for ((&[slot, opt], &u), &t) in ix.iter().zip(us.iter()).zip(thr.iter()) {
+            let draws = ix.iter().zip(us.iter()).zip(thr.iter().zip(hw.iter()));
+            for ((&[slot, opt], &u), (&t, &half)) in draws {
                 debug_assert!((slot as usize) < cur.len() && (opt as usize) < recs.len());
                 // SAFETY: slot < meta.len() = cur.len() and opt < offset + len ≤ recs.len() by
                 // construction in pass 1; every cur is some such opt.
@@ -344,9 +349,9 @@ fn run_fast(
                 let delta = new.cost.wrapping_sub(old.cost) as i64;
                 let de = new.pw - old.pw;
                 let d = de - t;
-                let half = t * LN_REL_TOL + abs_tol;
                 // Sure by the threshold: then feasibility alone decides.
-                let eff = if d < -half { delta } else { i64::MAX };
+                // d + half < 0 ⇔ d < −half exactly (rounding keeps the sign of a sum).
+                let eff = if d + half < 0.0 { delta } else { i64::MAX };
                 let mut accept = eff <= slack;
                 // NaN Δe: neither sure nor unsure, rejected (as by the reference).
                 if d.abs() <= half {
