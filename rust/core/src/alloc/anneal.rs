@@ -307,7 +307,10 @@ fn run_fast(
     let avx2 = has_avx2();
     // budget − cost: the walk keeps it ≥ 0, and a move of cost change δ is feasible iff
     // δ ≤ slack (the same test as cost − old + new ≤ budget).
-    debug_assert!(budget < i64::MAX as u64 && recs.iter().all(|r| r.cost < i64::MAX as u64));
+    if budget >= 1 << 60 || recs.iter().any(|r| r.cost >= 1 << 60) {
+        // Outside the range of the slack arithmetic below (never for real models: 2^60 bits).
+        return Some(run_reference(slots, budget, p, norm, stream));
+    }
     let mut slack = (budget - cost) as i64;
     let mut temp = p.temp_max;
     for _ in 0..p.outer_steps() {
@@ -349,12 +352,13 @@ fn run_fast(
                 let delta = new.cost.wrapping_sub(old.cost) as i64;
                 let de = new.pw - old.pw;
                 let d = de - t;
-                // Sure by the threshold: then feasibility alone decides.
-                // d + half < 0 ⇔ d < −half exactly (rounding keeps the sign of a sum).
-                let eff = if d + half < 0.0 { delta } else { i64::MAX };
+                // Sure by the threshold: then feasibility alone decides; otherwise eff > slack
+                // (|δ|, slack < 2^60). d + half < 0 ⇔ d < −half exactly (rounding keeps the
+                // sign of a sum). Arithmetic rather than a select so that no branch appears.
+                let eff = delta + (((d + half < 0.0) as i64 ^ 1) << 61);
                 let mut accept = eff <= slack;
-                // NaN Δe: neither sure nor unsure, rejected (as by the reference).
-                if d.abs() <= half {
+                // The band (never in practice), and NaN Δe or U = 0: the exact test decides.
+                if d.abs() <= half || d.is_nan() {
                     accept = exact_accept(delta <= slack, de, u, temp);
                 }
                 let mask = (accept as u32).wrapping_neg();
