@@ -4,12 +4,18 @@
 //! top-up. Unlike EXL2 every run is seeded (deterministic) and the runs of a stage execute in
 //! parallel; results do not depend on the thread count.
 //!
-//! One proposal takes two draws from the run's generator: a slot and an option (uniformly, not
-//! a neighbour), then U. An infeasible move is rejected, an improving one accepted, otherwise the
-//! move is accepted when U < exp(−Δe/T). Drawing U every time keeps the generator independent of
-//! the data, so the optimised loop has no long dependency chain and no unpredictable branches.
-//! [`anneal_reference`] runs the identical protocol in the straightforward way (nested vectors,
-//! `powf` and `exp` per proposal, sequential runs) and is the bench baseline.
+//! One proposal takes two draws from the run's generator (wyrand): a slot and an option
+//! (uniformly, not a neighbour), then U. An infeasible move is rejected, an improving one
+//! accepted, otherwise the move is accepted when U < exp(−Δe/T). [`anneal_reference`] runs this
+//! protocol in the straightforward way (nested vectors, `powf` ×2 and `exp` per proposal,
+//! sequential runs) and is the bench baseline; the optimised runs return identical results.
+//!
+//! The optimised run (`run_fast`) exploits that drawing U every time keeps the generator
+//! independent of the data: per batch of proposals it draws everything first, computes the
+//! thresholds T·(−ln U) vectorised (U < e^{−Δe/T} ⇔ Δe < T·(−ln U)), then walks with loads, a
+//! subtraction and compares only (err^norm precomputed per run, no branch on the data, the
+//! loop-carried chain is the remaining budget). A Δe within 1e-7 (relative) of its threshold
+//! goes to the exact `exp` test, so every decision equals the reference's.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -91,34 +97,25 @@ pub struct AnnealResult {
     pub proposals: u64,
 }
 
-/// xoshiro256++ seeded by splitmix64: small, fast, and identical on every platform.
+/// wyrand (Wang Yi's generator, as in `wyhash`/`fastrand`) with its state seeded by splitmix64
+/// from (seed, run): a Weyl sequence (a one-add dependency chain per draw) mixed by a 64×64→128
+/// multiply. Small, fast, and identical on every platform; each run draws ~4M of its 2^64 values.
 #[derive(Clone)]
-struct Rng([u64; 4]);
+struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64, stream: u64) -> Self {
-        let mut x = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut next = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Rng([next(), next(), next(), next()])
+        let mut z =
+            (seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng(z ^ (z >> 31))
     }
     #[inline(always)]
     fn next(&mut self) -> u64 {
-        let s = &mut self.0;
-        let r = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        r
+        self.0 = self.0.wrapping_add(0xA076_1D64_78BD_642F);
+        let t = (self.0 as u128).wrapping_mul((self.0 ^ 0xE703_7ED1_A0B4_28DB) as u128);
+        ((t >> 64) as u64) ^ (t as u64)
     }
     /// One 64-bit draw split into two 32-bit halves, each mapped to 0..n by multiply-shift:
     /// the high half picks the slot, the low half the option.
@@ -164,7 +161,7 @@ impl Flat {
     }
 }
 
-/// Per-option record of the hot loop: cost and err^norm side by side.
+/// Per-option record of the hot loop: cost and err^norm side by side (16 bytes).
 #[derive(Clone, Copy)]
 struct Rec {
     cost: u64,
@@ -188,7 +185,99 @@ fn score(slots: &[Vec<(u64, f64)>], choice: &[u32], norm: f64) -> (f64, f64) {
     (energy, max_err)
 }
 
+/// −ln u for u ∈ (0, 1] to ≈ 1e-10 relative (+∞ for u = 0), branch-free and in integer and
+/// float operations that vectorise: u = m·2^e with m ∈ [√½, √2), ln m = 2·atanh(s) with
+/// s = (m − 1)/(m + 1), |s| ≤ 0.172, by its series to s¹¹ (truncation ≤ 2·0.172¹³/13 ≈ 2e-11
+/// relative).
+#[inline(always)]
+fn neg_ln_approx(u: f64) -> f64 {
+    const SQRT_HALF_BITS: u64 = 0x3FE6_A09E_667F_3BCD;
+    const E_BIAS: u64 = 1024;
+    // 2^52: an integer k < 2^52 in the mantissa bits of 2^52 reads as 2^52 + k.
+    const TWO52: f64 = 4_503_599_627_370_496.0;
+    let bits = u.to_bits();
+    // k = e + 1024 ∈ [1, 1025] for u ∈ [0, 1] (logical shifts only).
+    let k = bits.wrapping_sub(SQRT_HALF_BITS).wrapping_add(E_BIAS << 52) >> 52;
+    let m = f64::from_bits(bits.wrapping_add(E_BIAS << 52).wrapping_sub(k << 52));
+    let e = f64::from_bits(TWO52.to_bits() | k) - (TWO52 + E_BIAS as f64);
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let s4 = s2 * s2;
+    let p = (1.0 + s2 * (1.0 / 3.0))
+        + s4 * ((1.0 / 5.0 + s2 * (1.0 / 7.0)) + s4 * (1.0 / 9.0 + s2 * (1.0 / 11.0)));
+    let l = -(e * std::f64::consts::LN_2 + 2.0 * s * p);
+    if u == 0.0 {
+        f64::INFINITY
+    } else {
+        l
+    }
+}
+
+/// For a batch: thr[k] = T·(−ln u[k]) and the half-width hw[k] of the band around it in which
+/// the exact test decides.
+#[inline(always)]
+fn thresholds_generic(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64) {
+    let abs_tol = LN_ABS_TOL * temp;
+    for ((t, h), &u) in thr.iter_mut().zip(hw.iter_mut()).zip(u) {
+        *t = temp * neg_ln_approx(u);
+        *h = *t * LN_REL_TOL + abs_tol;
+    }
+}
+
+/// [`thresholds_generic`] compiled for AVX2 (4 lanes); the decisions do not depend on which
+/// version ran, since both stay far inside the margins.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn thresholds_avx2(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64) {
+    thresholds_generic(u, thr, hw, temp)
+}
+
+#[inline(always)]
+fn thresholds(u: &[f64], thr: &mut [f64], hw: &mut [f64], temp: f64, avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: the caller detected AVX2 at run time.
+        return unsafe { thresholds_avx2(u, thr, hw, temp) };
+    }
+    let _ = avx2;
+    thresholds_generic(u, thr, hw, temp)
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Margins around T·(−ln U) inside which the exact test decides: relative (far above the error
+/// of [`neg_ln_approx`] and of the roundings) and absolute, in units of T (covers U ≈ 1).
+const LN_REL_TOL: f64 = 1e-7;
+const LN_ABS_TOL: f64 = 1e-12;
+
+/// Proposals per batch (bounds the buffer when `iterations` is large); 24 KiB of buffer.
+const BATCH: usize = 1024;
+
+/// The acceptance test of [`run_reference`], for the proposals the threshold cannot decide.
+/// Out of line so that the compiler cannot fold its conditions into the hot loop's branch (that
+/// would bring back an unpredictable branch on the sign of Δe).
+#[cold]
+#[inline(never)]
+fn exact_accept(feasible: bool, de: f64, u: f64, temp: f64) -> bool {
+    feasible && (de < 0.0 || u < (-de / temp).exp())
+}
+
 /// One optimised SA run. Returns None when cancelled.
+///
+/// The generator does not depend on the state, so each batch of proposals is drawn first
+/// (slot, option, U, and the threshold T·(−ln U)): `U < e^{−Δe/T}` ⇔ `Δe < T·(−ln U)`. The
+/// sequential pass then only loads, subtracts and compares, branch-free; a Δe within
+/// [`LN_REL_TOL`] of the threshold (or U = 0) goes to [`exact_accept`], so every decision
+/// equals [`run_reference`]'s (in practice that branch is never taken).
 fn run_fast(
     flat: &Flat,
     slots: &[Vec<(u64, f64)>],
@@ -198,6 +287,7 @@ fn run_fast(
     stream: u64,
     cancel: &AtomicBool,
 ) -> Option<RunOut> {
+    // err^norm once per run (the norm is fixed per run): no powf in the hot loop.
     let recs: Vec<Rec> = flat
         .cost
         .iter()
@@ -207,65 +297,91 @@ fn run_fast(
             pw: e.powf(norm),
         })
         .collect();
-    let n = flat.slot.len() as u32;
+    let meta = &flat.slot;
+    let n = meta.len() as u32;
+    debug_assert!(meta
+        .iter()
+        .all(|&(o, l)| l >= 1 && (o + l) as usize <= recs.len()));
     let mut rng = Rng::new(p.seed, stream);
-    // Per slot: (offset, option count, flat index of the current option).
-    let mut state: Vec<(u32, u32, u32)> = flat.slot.iter().map(|&(o, l)| (o, l, o)).collect();
-    let mut cost: u64 = state.iter().map(|s| flat.cost[s.2 as usize]).sum();
+    // Flat index of the current option per slot; every slot starts at its first option.
+    let mut cur: Vec<u32> = meta.iter().map(|&(o, _)| o).collect();
+    let cost: u64 = cur.iter().map(|&j| recs[j as usize].cost).sum();
+    // The batch, structure of arrays: (slot, flat index of the proposed option), U, T·(−ln U).
+    let cap = BATCH.min(p.iterations as usize);
+    let mut ix = vec![[0u32; 2]; cap];
+    let (mut us, mut thr, mut hw) = (vec![0.0f64; cap], vec![0.0f64; cap], vec![0.0f64; cap]);
+    let avx2 = has_avx2();
+    // budget − cost: the walk keeps it ≥ 0, and a move of cost change δ is feasible iff
+    // δ ≤ slack (the same test as cost − old + new ≤ budget).
+    if budget >= 1 << 60 || recs.iter().any(|r| r.cost >= 1 << 60) {
+        // Outside the range of the slack arithmetic below (never for real models: 2^60 bits).
+        return Some(run_reference(slots, budget, p, norm, stream));
+    }
+    let mut slack = (budget - cost) as i64;
     let mut temp = p.temp_max;
     for _ in 0..p.outer_steps() {
         if cancel.load(Ordering::Relaxed) {
             return None;
         }
-        for _ in 0..p.iterations {
-            let (hi, lo) = rng.halves();
-            let i = scale(hi, n);
-            let (offset, len, cur) = state[i];
-            let j_new = offset as usize + scale(lo, len);
-            let old = recs[cur as usize];
-            let new = recs[j_new];
-            let new_cost = cost - old.cost + new.cost;
-            let feasible = new_cost <= budget;
-            let de = new.pw - old.pw;
-            let need_u = feasible & (de >= 0.0);
-            let u = rng.unit();
-            // e^−x ≥ 1 − x: with x = Δe/T this accepts without dividing or calling exp; the
-            // margin covers the rounding of x = fl(Δe/T) and of both sides.
-            let sure = (1.0 - u - 4.0 * METROPOLIS_MARGIN) * temp > de;
-            let mut accept = feasible & ((de < 0.0) | sure);
-            if need_u & !sure {
-                // Rare: only late in the schedule, when Δe/T is not small.
-                accept = metropolis(u, de / temp);
+        let mut left = p.iterations as usize;
+        while left > 0 {
+            let m = left.min(cap);
+            left -= m;
+            let (ix, us) = (&mut ix[..m], &mut us[..m]);
+            let (thr, hw) = (&mut thr[..m], &mut hw[..m]);
+            // Pass 1: the draws, in the generator order of run_reference.
+            for (x, u) in ix.iter_mut().zip(us.iter_mut()) {
+                let (hi, lo) = rng.halves();
+                let i = scale(hi, n);
+                debug_assert!(i < meta.len());
+                // SAFETY: scale(hi, n) < n = meta.len() since hi < 2^32.
+                let (offset, len) = unsafe { *meta.get_unchecked(i) };
+                *x = [i as u32, offset + scale(lo, len) as u32];
+                *u = rng.unit();
             }
-            state[i].2 = if accept { j_new as u32 } else { cur };
-            cost = if accept { new_cost } else { cost };
+            // Pass 2: the thresholds (vectorised).
+            thresholds(us, thr, hw, temp, avx2);
+            // Pass 3: the Metropolis walk. The loop-carried chain is slack → compare → select.
+            let draws = ix.iter().zip(us.iter()).zip(thr.iter().zip(hw.iter()));
+            for ((&[slot, opt], &u), (&t, &half)) in draws {
+                debug_assert!((slot as usize) < cur.len() && (opt as usize) < recs.len());
+                // SAFETY: slot < meta.len() = cur.len() and opt < offset + len ≤ recs.len() by
+                // construction in pass 1; every cur is some such opt.
+                let (c, old, new) = unsafe {
+                    let c = *cur.get_unchecked(slot as usize);
+                    (
+                        c,
+                        *recs.get_unchecked(c as usize),
+                        *recs.get_unchecked(opt as usize),
+                    )
+                };
+                let delta = new.cost.wrapping_sub(old.cost) as i64;
+                let de = new.pw - old.pw;
+                let d = de - t;
+                // Sure by the threshold: then feasibility alone decides; otherwise eff > slack
+                // (|δ|, slack < 2^60). d + half < 0 ⇔ d < −half exactly (rounding keeps the
+                // sign of a sum). Arithmetic rather than a select so that no branch appears.
+                let eff = delta + (((d + half < 0.0) as i64 ^ 1) << 61);
+                let mut accept = eff <= slack;
+                // The band (never in practice), and NaN Δe or U = 0: the exact test decides.
+                if d.abs() <= half || d.is_nan() {
+                    accept = exact_accept(delta <= slack, de, u, temp);
+                }
+                let mask = (accept as u32).wrapping_neg();
+                // SAFETY: as above.
+                unsafe { *cur.get_unchecked_mut(slot as usize) = c ^ ((c ^ opt) & mask) };
+                slack = if accept { slack - delta } else { slack };
+            }
         }
         temp *= p.cooling_factor;
     }
-    let choice: Vec<u32> = state.iter().map(|&(o, _, j)| j - o).collect();
+    let choice: Vec<u32> = cur.iter().zip(meta).map(|(&j, &(o, _))| j - o).collect();
     let (energy, max_err) = score(slots, &choice, norm);
     Some(RunOut {
         choice,
         energy,
         max_err,
     })
-}
-
-/// Exceeds the rounding error of both sides of the bounds in [`metropolis`].
-const METROPOLIS_MARGIN: f64 = 1e-14;
-
-/// `u < exp(−x)` for x ≥ 0, deciding from the bounds 1 − x ≤ e^−x ≤ 1/(1 + x + x²/2) when they
-/// settle it (almost always: x is tiny for most of the schedule) and calling `exp` otherwise.
-/// The margins exceed the rounding of both sides, so the decision equals `u < (-x).exp()`.
-#[inline(always)]
-fn metropolis(u: f64, x: f64) -> bool {
-    if u < 1.0 - x - METROPOLIS_MARGIN {
-        return true;
-    }
-    if u * (1.0 + x * (1.0 + 0.5 * x)) >= 1.0 + METROPOLIS_MARGIN {
-        return false;
-    }
-    u < (-x).exp()
 }
 
 /// The straightforward implementation of one run (the bench baseline).
@@ -473,19 +589,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metropolis_shortcuts_match_exp() {
+    fn neg_ln_approx_within_tolerance() {
         let mut rng = Rng::new(7, 0);
         for i in 0..2_000_000u64 {
-            let u = rng.unit();
-            // x over many decades, including values where 1 − x and e^−x round alike.
-            let x = 10f64.powf(-18.0 + 21.0 * rng.unit());
-            assert_eq!(metropolis(u, x), u < (-x).exp(), "case {i}: u={u} x={x}");
-            let near = (-x).exp() * (1.0 + (rng.unit() - 0.5) * 1e-15);
-            assert_eq!(
-                metropolis(near, x),
-                near < (-x).exp(),
-                "near case {i}: x={x}"
+            // U as drawn, and U over many decades down to 2^-53.
+            let u = if i % 2 == 0 {
+                rng.unit()
+            } else {
+                2f64.powf(-53.0 * rng.unit())
+            };
+            if u == 0.0 {
+                continue;
+            }
+            let exact = -u.ln();
+            let approx = neg_ln_approx(u);
+            assert!(
+                (approx - exact).abs() <= 1e-9 * exact + 1e-15,
+                "case {i}: u={u} approx={approx} exact={exact}"
             );
         }
+        assert_eq!(neg_ln_approx(1.0), 0.0);
+        assert_eq!(neg_ln_approx(0.0), f64::INFINITY);
+        let tiny = 2f64.powi(-53);
+        assert!((neg_ln_approx(tiny) + tiny.ln()).abs() < 1e-12);
     }
 }
