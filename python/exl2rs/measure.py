@@ -534,9 +534,10 @@ def measure(
     layer, used only for exllamav2's ``accuracy`` = 1 − mean relative output error) are scored on
     a fixed subset of about ``module_tokens`` tokens (:func:`module_subset`: an attention prefix /
     evenly spread MLP positions in every row); ``None`` scores them on all tokens. At 16 × 2048
-    those forwards are ~3 TFLOP per layer on all tokens — most of a CPU run — and the accuracy
-    from 4096 tokens differs from the all-token one by well under the gaps between table rows
-    (benches/RESULTS.md, "Full measurement").
+    those forwards are ~3 TFLOP per layer on all tokens — most of a CPU run. Checked on SmolLM2
+    layers 0-1 (benches/RESULTS.md, "Full measurement"): the subset keeps every module's row
+    order; MLP accuracies move by ≤ 0.006 (mean 0.0008, unbiased), attention accuracies read
+    0.002-0.003 lower on average (≤ 0.006; early positions carry relatively more error).
     """
     if module_tokens is not None and module_tokens < 1:
         raise ValueError(f"module_tokens must be positive or None, got {module_tokens}")
