@@ -3,7 +3,7 @@
 Measures SmolLM2-135M-Instruct on exllamav2's calibration text (fetched from PyPI into the
 fixture cache), then allocates 4.0 and 3.0 bpw with every solver and prints, per target,
 what each reached: bpw, bits, objective, lower bound, gap, time, and the objective relative to
-``exact``; plus the best *uniform* allocation (one config for every linear) at that budget.
+``exact``; plus the *flat* baseline: every linear at its own largest config within the target.
 Writes to ``demo_out/``: the native measurement, exllamav2's ``measurement.json``, exllamav2
 strategies, and PNG plots of the allocations and frontiers.
 
@@ -26,21 +26,18 @@ from exl2rs.report import plot_allocation, plot_frontiers
 TARGETS = (4.0, 3.0)
 
 
-def best_uniform(problem: Problem, budget_bits: int) -> tuple[float, float] | None:
-    """(bpw, objective) of the best single config shared by every item within the budget."""
-    common: set[int] | None = None
-    per_item: list[dict[int, tuple[int, float]]] = []
+def flat_allocation(problem: Problem, target_bpw: float) -> tuple[float, float]:
+    """(bpw, objective) of the no-allocation baseline: every linear on its own takes its
+    largest option at or below the target bpw (the best error among equal sizes)."""
+    bits = obj = 0.0
     for i in range(problem.num_items):
-        opts = {c: (b, e) for b, e, c in problem.options(i)}
-        per_item.append(opts)
-        common = set(opts) if common is None else common & set(opts)
-    best: tuple[float, float] | None = None
-    for c in sorted(common or ()):
-        bits = sum(o[c][0] for o in per_item)
-        obj = sum(o[c][1] for o in per_item)
-        if bits <= budget_bits and (best is None or obj < best[1]):
-            best = (bits / problem.total_numel, obj)
-    return best
+        numel = problem.item_numel(i)
+        opts = problem.options(i)
+        fits = [o for o in opts if o[0] <= target_bpw * numel] or [min(opts)]
+        b, e, _ = max(fits, key=lambda o: (o[0], -o[1]))
+        bits += b
+        obj += e
+    return bits / problem.total_numel, obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,12 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<11} {s.bpw:7.4f} {s.cost_bits:11d} {s.objective:11.5g} {lb:>11} "
                 f"{gap:>8} {s.time_s * 1e3:8.2f} {s.objective / exact.objective:8.3f}"
             )
-        uni = best_uniform(problem, exact.solution.budget_bits)
-        if uni is not None:
-            print(
-                f"{'uniform':<11} {uni[0]:7.4f} {'':>11} {uni[1]:11.5g} {'':>11} {'':>8} "
-                f"{'':>8} {uni[1] / exact.objective:8.3f}"
-            )
+        flat_bpw, flat_obj = flat_allocation(problem, target)
+        print(
+            f"{'flat':<11} {flat_bpw:7.4f} {'':>11} {flat_obj:11.5g} {'':>11} {'':>8} "
+            f"{'':>8} {flat_obj / exact.objective:8.3f}"
+        )
         exact_m = allocate(m, target)
         strategy = args.out / f"strategy_{target:.1f}.json"
         strategy.write_text(json.dumps(exact_m.strategy(), indent=1))
