@@ -49,28 +49,37 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
     // is always safe, pruning one too many is not.
     let eps = 1e-10 * scale + f64::MIN_POSITIVE;
 
-    // Phase 1: a narrow core (a fraction of the gap) finds a near-optimal incumbent cheaply;
-    // phase 2 then proves optimality with the gap that incumbent leaves, which is much smaller.
+    // Widening cores: with threshold τ keep only options of reduced cost ≤ τ and prune every
+    // state that cannot reach a value < min(U, LB + τ). Any solution of value < LB + τ uses
+    // only kept options, so a solution found below LB + τ is optimal; if none exists, the
+    // optimum lies above LB + τ and τ grows by √2. Once τ reaches the gap U − LB the core is the
+    // full proof. The cost of a core grows quickly with τ, so stopping at the first τ above the
+    // optimum's gap (rather than at the greedy gap) is what keeps hard targets cheap.
     let mut best = inc;
     let mut nodes = 0u64;
     let mut peak = 0usize;
-    let mut free_classes = 0usize;
-    for phase in 0..2 {
+    let mut tau = ((best.value - lb).max(0.0) / 16.0).max(eps);
+    let free_classes = loop {
         let gap = (best.value - lb).max(0.0);
-        let tau = if phase == 0 { gap / 16.0 } else { gap + eps };
+        let full = tau >= gap;
+        let (keep, incumbent) = if full {
+            (gap + eps, best.value)
+        } else {
+            (tau + eps, lb + tau)
+        };
         let core = Core {
             m,
             budget,
             lam,
             mins: &mins,
-            tau,
+            tau: keep,
             eps,
-            incumbent: best.value,
+            incumbent,
         };
         let r = core.solve(cancel)?;
         nodes += r.nodes;
         peak = peak.max(r.peak);
-        free_classes = r.free_classes;
+        let found = r.improved.is_some();
         if let Some((choice, value)) = r.improved {
             let (cost, v) = m.evaluate(&choice);
             debug_assert!(cost <= budget && (v - value).abs() <= 1e-9 * (1.0 + v.abs()));
@@ -81,7 +90,11 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
                 ..best
             };
         }
-    }
+        if found || full {
+            break r.free_classes;
+        }
+        tau *= std::f64::consts::SQRT_2;
+    };
     Ok(McSol {
         nodes,
         peak_states: peak,
