@@ -189,7 +189,13 @@ impl Core<'_> {
         }]);
         let mut nodes = 0u64;
         let mut peak = 1usize;
-        let mut cand: Vec<State> = Vec::new();
+        // Each layer is a Pareto list: cost strictly increasing, value strictly decreasing. So
+        // is each option's shifted copy of the previous layer, and the next layer is their
+        // dominance-filtered merge (no sort). Along one copy the remaining budget only shrinks,
+        // so the suffix bound's segment pointer only moves down.
+        let mut acc: Vec<State> = Vec::new();
+        let mut list: Vec<State> = Vec::new();
+        let mut merged: Vec<State> = Vec::new();
         for s in 0..n {
             if cancel.load(Ordering::Relaxed) {
                 return Err(AllocError::Cancelled);
@@ -197,42 +203,45 @@ impl Core<'_> {
             let (ci, kept) = &free[s];
             let c = &m.classes[*ci];
             let prev = &layers[s];
-            cand.clear();
-            for (pi, st) in prev.iter().enumerate() {
-                for &k in kept {
-                    let (w, v) = c.opts[k as usize];
+            acc.clear();
+            for &k in kept {
+                let (w, v) = c.opts[k as usize];
+                list.clear();
+                let mut cursor = suffix.cursor(s + 1);
+                for (pi, st) in prev.iter().enumerate() {
                     let cost = st.cost + w;
-                    let Some(rest) = suffix.bound(s + 1, cap.saturating_sub(cost)) else {
-                        break; // kept is sorted by cost: the rest cannot fit either
-                    };
                     if cost > cap {
                         break;
                     }
+                    // Costs only grow along the layer: once the suffix cannot fit, stop.
+                    let Some(rest) = cursor.bound(cap - cost) else {
+                        break;
+                    };
                     let value = st.value + v;
                     if value + rest > target + eps {
                         continue;
                     }
-                    cand.push(State {
+                    list.push(State {
                         cost,
                         value,
                         parent: pi as u32,
                         opt: k,
                     });
                 }
-            }
-            nodes += cand.len() as u64;
-            cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
-            let mut next: Vec<State> = Vec::with_capacity(cand.len());
-            for st in &cand {
-                if next.last().is_none_or(|l: &State| st.value < l.value) {
-                    next.push(*st);
+                nodes += list.len() as u64;
+                if acc.is_empty() {
+                    std::mem::swap(&mut acc, &mut list);
+                    continue;
                 }
+                merged.clear();
+                pareto_merge(&acc, &list, &mut merged);
+                std::mem::swap(&mut acc, &mut merged);
             }
-            peak = peak.max(next.len());
-            if next.is_empty() {
+            peak = peak.max(acc.len());
+            if acc.is_empty() {
                 break;
             }
-            layers.push(next);
+            layers.push(acc.clone());
         }
         if layers.len() < n + 1 {
             return Ok(none(nodes, peak));
@@ -331,19 +340,71 @@ impl SuffixLp {
         }
     }
 
-    /// LP lower bound on the value of suffix `s` with `budget` bits, or None if even its
-    /// cheapest options do not fit.
-    fn bound(&self, s: usize, budget: u64) -> Option<f64> {
-        let extra = budget.checked_sub(self.base_cost[s])?;
-        let cum = &self.cum[s];
-        // First segment whose cumulative cost exceeds `extra`.
-        let p = cum.partition_point(|&(w, _)| w <= extra);
+    /// A bound evaluator for suffix `s`, queried with non-increasing budgets.
+    fn cursor(&self, s: usize) -> Cursor<'_> {
+        Cursor {
+            base_cost: self.base_cost[s],
+            base_value: self.base_value[s],
+            cum: &self.cum[s],
+            p: None,
+        }
+    }
+}
+
+struct Cursor<'a> {
+    base_cost: u64,
+    base_value: f64,
+    cum: &'a [(u64, f64)],
+    /// First segment whose cumulative cost exceeds the last query's extra budget.
+    p: Option<usize>,
+}
+
+impl Cursor<'_> {
+    /// LP lower bound on the value of the suffix with `budget` bits, or None if even its
+    /// cheapest options do not fit. Budgets must not increase between calls.
+    #[inline]
+    fn bound(&mut self, budget: u64) -> Option<f64> {
+        let extra = budget.checked_sub(self.base_cost)?;
+        let cum = self.cum;
+        let p = match self.p {
+            None => cum.partition_point(|&(w, _)| w <= extra),
+            Some(mut p) => {
+                while p > 0 && cum[p - 1].0 > extra {
+                    p -= 1;
+                }
+                p
+            }
+        };
+        self.p = Some(p);
         let (w0, v0) = if p == 0 { (0, 0.0) } else { cum[p - 1] };
         let drop = match cum.get(p) {
             Some(&(w1, v1)) => v0 + (v1 - v0) * (extra - w0) as f64 / (w1 - w0) as f64,
             None => v0,
         };
-        Some(self.base_value[s] - drop)
+        Some(self.base_value - drop)
+    }
+}
+
+/// Merge two Pareto lists (cost strictly increasing, value strictly decreasing) into `out`,
+/// keeping only states no other dominates (the cheaper one on equal cost and value).
+fn pareto_merge(a: &[State], b: &[State], out: &mut Vec<State>) {
+    let (mut i, mut j) = (0, 0);
+    let mut last = f64::INFINITY;
+    while i < a.len() || j < b.len() {
+        let take_a = j == b.len()
+            || (i < a.len()
+                && (a[i].cost < b[j].cost || (a[i].cost == b[j].cost && a[i].value <= b[j].value)));
+        let st = if take_a {
+            i += 1;
+            a[i - 1]
+        } else {
+            j += 1;
+            b[j - 1]
+        };
+        if st.value < last {
+            last = st.value;
+            out.push(st);
+        }
     }
 }
 
