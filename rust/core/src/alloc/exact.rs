@@ -49,6 +49,7 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
     // is always safe, pruning one too many is not.
     let eps = 1e-10 * scale + f64::MIN_POSITIVE;
 
+    let red = Reduced::new(m, lam, &mins);
     // Widening cores: with threshold τ keep only options of reduced cost ≤ τ and prune every
     // state that cannot reach a value < min(U, LB + τ). Any solution of value < LB + τ uses
     // only kept options, so a solution found below LB + τ is optimal; if none exists, the
@@ -70,8 +71,7 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
         let core = Core {
             m,
             budget,
-            lam,
-            mins: &mins,
+            red: &red,
             tau: keep,
             eps,
             incumbent,
@@ -106,11 +106,79 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
 struct Core<'a> {
     m: &'a Mckp,
     budget: u64,
-    lam: f64,
-    mins: &'a [f64],
+    red: &'a Reduced,
     tau: f64,
     eps: f64,
     incumbent: f64,
+}
+
+/// Reduced costs rⱼₖ = vⱼₖ + λ*·wⱼₖ − mⱼ of every class's Pareto front, and the classes ordered
+/// by their second-smallest reduced cost, so a core's fixing is a binary search.
+struct Reduced {
+    /// Per class, aligned with `Class::front`.
+    rc: Vec<Vec<f64>>,
+    /// Per class, the front option of least reduced cost (the cheapest among ties).
+    argmin: Vec<u32>,
+    /// Classes by increasing second-smallest reduced cost (∞ for single-option classes).
+    order: Vec<usize>,
+    /// `second[i]`: the second-smallest reduced cost of `order[i]`.
+    second: Vec<f64>,
+    /// Σ cost and value of the argmin options of `order[i..]`.
+    fix_cost: Vec<u64>,
+    fix_value: Vec<f64>,
+}
+
+impl Reduced {
+    fn new(m: &Mckp, lam: f64, mins: &[f64]) -> Self {
+        let n = m.classes.len();
+        let mut rc = Vec::with_capacity(n);
+        let mut argmin = Vec::with_capacity(n);
+        let mut sec = Vec::with_capacity(n);
+        for (ci, c) in m.classes.iter().enumerate() {
+            let r: Vec<f64> = c
+                .front
+                .iter()
+                .map(|&k| {
+                    let (w, v) = c.opts[k as usize];
+                    v + lam * w as f64 - mins[ci]
+                })
+                .collect();
+            let mut best = 0;
+            for (i, &x) in r.iter().enumerate() {
+                if x < r[best] {
+                    best = i;
+                }
+            }
+            let second = r
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != best)
+                .map(|(_, &x)| x)
+                .fold(f64::INFINITY, f64::min);
+            argmin.push(c.front[best]);
+            sec.push(second);
+            rc.push(r);
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| sec[a].total_cmp(&sec[b]).then(a.cmp(&b)));
+        let second: Vec<f64> = order.iter().map(|&ci| sec[ci]).collect();
+        let mut fix_cost = vec![0u64; n + 1];
+        let mut fix_value = vec![0.0f64; n + 1];
+        for i in (0..n).rev() {
+            let c = &m.classes[order[i]];
+            let (w, v) = c.opts[argmin[order[i]] as usize];
+            fix_cost[i] = fix_cost[i + 1] + w;
+            fix_value[i] = fix_value[i + 1] + v;
+        }
+        Reduced {
+            rc,
+            argmin,
+            order,
+            second,
+            fix_cost,
+            fix_value,
+        }
+    }
 }
 
 struct CoreResult {
@@ -128,36 +196,30 @@ impl Core<'_> {
         let Core {
             m,
             budget,
-            lam,
-            mins,
+            red,
             tau,
             eps,
             incumbent,
         } = *self;
-        // Reduced-cost fixing over each class's Pareto front.
-        let mut fixed_cost = 0u64;
-        let mut fixed_value = 0.0;
-        let mut choice: Vec<u32> = vec![0; m.classes.len()];
-        let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (ci, c) in m.classes.iter().enumerate() {
-            let kept: Vec<u32> = c
-                .front
-                .iter()
-                .copied()
-                .filter(|&k| {
-                    let (w, v) = c.opts[k as usize];
-                    v + lam * w as f64 - mins[ci] <= tau
-                })
-                .collect();
-            if kept.len() == 1 {
-                let (w, v) = c.opts[kept[0] as usize];
-                fixed_cost += w;
-                fixed_value += v;
-                choice[ci] = kept[0];
-            } else {
-                free.push((ci, kept));
-            }
-        }
+        // Reduced-cost fixing: the classes whose second-best reduced cost exceeds tau keep only
+        // their best option; they form a suffix of `red.order`.
+        let nfree = red.second.partition_point(|&r2| r2 <= tau);
+        let fixed_cost = red.fix_cost[nfree];
+        let fixed_value = red.fix_value[nfree];
+        let mut free: Vec<(usize, Vec<u32>)> = red.order[..nfree]
+            .iter()
+            .map(|&ci| {
+                let c = &m.classes[ci];
+                let kept = c
+                    .front
+                    .iter()
+                    .zip(&red.rc[ci])
+                    .filter(|&(_, &r)| r <= tau)
+                    .map(|(&k, _)| k)
+                    .collect();
+                (ci, kept)
+            })
+            .collect();
         let free_classes = free.len();
         let none = |nodes, peak| CoreResult {
             improved: None,
@@ -258,6 +320,7 @@ impl Core<'_> {
         if best.value >= target {
             return Ok(none(nodes, peak));
         }
+        let mut choice = red.argmin.clone();
         let mut idx = bi;
         for s in (0..n).rev() {
             let st = layers[s + 1][idx];
