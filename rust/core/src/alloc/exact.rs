@@ -49,28 +49,37 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
     // is always safe, pruning one too many is not.
     let eps = 1e-10 * scale + f64::MIN_POSITIVE;
 
-    // Phase 1: a narrow core (a fraction of the gap) finds a near-optimal incumbent cheaply;
-    // phase 2 then proves optimality with the gap that incumbent leaves, which is much smaller.
+    let red = Reduced::new(m, lam, &mins);
+    // Widening cores: with threshold τ keep only options of reduced cost ≤ τ and prune every
+    // state that cannot reach a value < min(U, LB + τ). Any solution of value < LB + τ uses
+    // only kept options, so a solution found below LB + τ is optimal; if none exists, the
+    // optimum lies above LB + τ and τ grows by √2. Once τ reaches the gap U − LB the core is the
+    // full proof. The cost of a core grows quickly with τ, so stopping at the first τ above the
+    // optimum's gap (rather than at the greedy gap) is what keeps hard targets cheap.
     let mut best = inc;
     let mut nodes = 0u64;
     let mut peak = 0usize;
-    let mut free_classes = 0usize;
-    for phase in 0..2 {
+    let mut tau = ((best.value - lb).max(0.0) / 16.0).max(eps);
+    let free_classes = loop {
         let gap = (best.value - lb).max(0.0);
-        let tau = if phase == 0 { gap / 16.0 } else { gap + eps };
+        let full = tau >= gap;
+        let (keep, incumbent) = if full {
+            (gap + eps, best.value)
+        } else {
+            (tau + eps, lb + tau)
+        };
         let core = Core {
             m,
             budget,
-            lam,
-            mins: &mins,
-            tau,
+            red: &red,
+            tau: keep,
             eps,
-            incumbent: best.value,
+            incumbent,
         };
         let r = core.solve(cancel)?;
         nodes += r.nodes;
         peak = peak.max(r.peak);
-        free_classes = r.free_classes;
+        let found = r.improved.is_some();
         if let Some((choice, value)) = r.improved {
             let (cost, v) = m.evaluate(&choice);
             debug_assert!(cost <= budget && (v - value).abs() <= 1e-9 * (1.0 + v.abs()));
@@ -81,7 +90,11 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
                 ..best
             };
         }
-    }
+        if found || full {
+            break r.free_classes;
+        }
+        tau *= std::f64::consts::SQRT_2;
+    };
     Ok(McSol {
         nodes,
         peak_states: peak,
@@ -93,11 +106,79 @@ pub(crate) fn exact(m: &Mckp, budget: u64, cancel: &AtomicBool) -> Result<McSol,
 struct Core<'a> {
     m: &'a Mckp,
     budget: u64,
-    lam: f64,
-    mins: &'a [f64],
+    red: &'a Reduced,
     tau: f64,
     eps: f64,
     incumbent: f64,
+}
+
+/// Reduced costs rⱼₖ = vⱼₖ + λ*·wⱼₖ − mⱼ of every class's Pareto front, and the classes ordered
+/// by their second-smallest reduced cost, so a core's fixing is a binary search.
+struct Reduced {
+    /// Per class, aligned with `Class::front`.
+    rc: Vec<Vec<f64>>,
+    /// Per class, the front option of least reduced cost (the cheapest among ties).
+    argmin: Vec<u32>,
+    /// Classes by increasing second-smallest reduced cost (∞ for single-option classes).
+    order: Vec<usize>,
+    /// `second[i]`: the second-smallest reduced cost of `order[i]`.
+    second: Vec<f64>,
+    /// Σ cost and value of the argmin options of `order[i..]`.
+    fix_cost: Vec<u64>,
+    fix_value: Vec<f64>,
+}
+
+impl Reduced {
+    fn new(m: &Mckp, lam: f64, mins: &[f64]) -> Self {
+        let n = m.classes.len();
+        let mut rc = Vec::with_capacity(n);
+        let mut argmin = Vec::with_capacity(n);
+        let mut sec = Vec::with_capacity(n);
+        for (ci, c) in m.classes.iter().enumerate() {
+            let r: Vec<f64> = c
+                .front
+                .iter()
+                .map(|&k| {
+                    let (w, v) = c.opts[k as usize];
+                    v + lam * w as f64 - mins[ci]
+                })
+                .collect();
+            let mut best = 0;
+            for (i, &x) in r.iter().enumerate() {
+                if x < r[best] {
+                    best = i;
+                }
+            }
+            let second = r
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != best)
+                .map(|(_, &x)| x)
+                .fold(f64::INFINITY, f64::min);
+            argmin.push(c.front[best]);
+            sec.push(second);
+            rc.push(r);
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| sec[a].total_cmp(&sec[b]).then(a.cmp(&b)));
+        let second: Vec<f64> = order.iter().map(|&ci| sec[ci]).collect();
+        let mut fix_cost = vec![0u64; n + 1];
+        let mut fix_value = vec![0.0f64; n + 1];
+        for i in (0..n).rev() {
+            let c = &m.classes[order[i]];
+            let (w, v) = c.opts[argmin[order[i]] as usize];
+            fix_cost[i] = fix_cost[i + 1] + w;
+            fix_value[i] = fix_value[i + 1] + v;
+        }
+        Reduced {
+            rc,
+            argmin,
+            order,
+            second,
+            fix_cost,
+            fix_value,
+        }
+    }
 }
 
 struct CoreResult {
@@ -115,36 +196,30 @@ impl Core<'_> {
         let Core {
             m,
             budget,
-            lam,
-            mins,
+            red,
             tau,
             eps,
             incumbent,
         } = *self;
-        // Reduced-cost fixing over each class's Pareto front.
-        let mut fixed_cost = 0u64;
-        let mut fixed_value = 0.0;
-        let mut choice: Vec<u32> = vec![0; m.classes.len()];
-        let mut free: Vec<(usize, Vec<u32>)> = Vec::new();
-        for (ci, c) in m.classes.iter().enumerate() {
-            let kept: Vec<u32> = c
-                .front
-                .iter()
-                .copied()
-                .filter(|&k| {
-                    let (w, v) = c.opts[k as usize];
-                    v + lam * w as f64 - mins[ci] <= tau
-                })
-                .collect();
-            if kept.len() == 1 {
-                let (w, v) = c.opts[kept[0] as usize];
-                fixed_cost += w;
-                fixed_value += v;
-                choice[ci] = kept[0];
-            } else {
-                free.push((ci, kept));
-            }
-        }
+        // Reduced-cost fixing: the classes whose second-best reduced cost exceeds tau keep only
+        // their best option; they form a suffix of `red.order`.
+        let nfree = red.second.partition_point(|&r2| r2 <= tau);
+        let fixed_cost = red.fix_cost[nfree];
+        let fixed_value = red.fix_value[nfree];
+        let mut free: Vec<(usize, Vec<u32>)> = red.order[..nfree]
+            .iter()
+            .map(|&ci| {
+                let c = &m.classes[ci];
+                let kept = c
+                    .front
+                    .iter()
+                    .zip(&red.rc[ci])
+                    .filter(|&(_, &r)| r <= tau)
+                    .map(|(&k, _)| k)
+                    .collect();
+                (ci, kept)
+            })
+            .collect();
         let free_classes = free.len();
         let none = |nodes, peak| CoreResult {
             improved: None,
@@ -176,7 +251,13 @@ impl Core<'_> {
         }]);
         let mut nodes = 0u64;
         let mut peak = 1usize;
-        let mut cand: Vec<State> = Vec::new();
+        // Each layer is a Pareto list: cost strictly increasing, value strictly decreasing. So
+        // is each option's shifted copy of the previous layer, and the next layer is their
+        // dominance-filtered merge (no sort). Along one copy the remaining budget only shrinks,
+        // so the suffix bound's segment pointer only moves down.
+        let mut acc: Vec<State> = Vec::new();
+        let mut list: Vec<State> = Vec::new();
+        let mut merged: Vec<State> = Vec::new();
         for s in 0..n {
             if cancel.load(Ordering::Relaxed) {
                 return Err(AllocError::Cancelled);
@@ -184,42 +265,45 @@ impl Core<'_> {
             let (ci, kept) = &free[s];
             let c = &m.classes[*ci];
             let prev = &layers[s];
-            cand.clear();
-            for (pi, st) in prev.iter().enumerate() {
-                for &k in kept {
-                    let (w, v) = c.opts[k as usize];
+            acc.clear();
+            for &k in kept {
+                let (w, v) = c.opts[k as usize];
+                list.clear();
+                let mut cursor = suffix.cursor(s + 1);
+                for (pi, st) in prev.iter().enumerate() {
                     let cost = st.cost + w;
-                    let Some(rest) = suffix.bound(s + 1, cap.saturating_sub(cost)) else {
-                        break; // kept is sorted by cost: the rest cannot fit either
-                    };
                     if cost > cap {
                         break;
                     }
+                    // Costs only grow along the layer: once the suffix cannot fit, stop.
+                    let Some(rest) = cursor.bound(cap - cost) else {
+                        break;
+                    };
                     let value = st.value + v;
                     if value + rest > target + eps {
                         continue;
                     }
-                    cand.push(State {
+                    list.push(State {
                         cost,
                         value,
                         parent: pi as u32,
                         opt: k,
                     });
                 }
-            }
-            nodes += cand.len() as u64;
-            cand.sort_unstable_by(|a, b| a.cost.cmp(&b.cost).then(a.value.total_cmp(&b.value)));
-            let mut next: Vec<State> = Vec::with_capacity(cand.len());
-            for st in &cand {
-                if next.last().is_none_or(|l: &State| st.value < l.value) {
-                    next.push(*st);
+                nodes += list.len() as u64;
+                if acc.is_empty() {
+                    std::mem::swap(&mut acc, &mut list);
+                    continue;
                 }
+                merged.clear();
+                pareto_merge(&acc, &list, &mut merged);
+                std::mem::swap(&mut acc, &mut merged);
             }
-            peak = peak.max(next.len());
-            if next.is_empty() {
+            peak = peak.max(acc.len());
+            if acc.is_empty() {
                 break;
             }
-            layers.push(next);
+            layers.push(acc.clone());
         }
         if layers.len() < n + 1 {
             return Ok(none(nodes, peak));
@@ -236,6 +320,7 @@ impl Core<'_> {
         if best.value >= target {
             return Ok(none(nodes, peak));
         }
+        let mut choice = red.argmin.clone();
         let mut idx = bi;
         for s in (0..n).rev() {
             let st = layers[s + 1][idx];
@@ -318,19 +403,71 @@ impl SuffixLp {
         }
     }
 
-    /// LP lower bound on the value of suffix `s` with `budget` bits, or None if even its
-    /// cheapest options do not fit.
-    fn bound(&self, s: usize, budget: u64) -> Option<f64> {
-        let extra = budget.checked_sub(self.base_cost[s])?;
-        let cum = &self.cum[s];
-        // First segment whose cumulative cost exceeds `extra`.
-        let p = cum.partition_point(|&(w, _)| w <= extra);
+    /// A bound evaluator for suffix `s`, queried with non-increasing budgets.
+    fn cursor(&self, s: usize) -> Cursor<'_> {
+        Cursor {
+            base_cost: self.base_cost[s],
+            base_value: self.base_value[s],
+            cum: &self.cum[s],
+            p: None,
+        }
+    }
+}
+
+struct Cursor<'a> {
+    base_cost: u64,
+    base_value: f64,
+    cum: &'a [(u64, f64)],
+    /// First segment whose cumulative cost exceeds the last query's extra budget.
+    p: Option<usize>,
+}
+
+impl Cursor<'_> {
+    /// LP lower bound on the value of the suffix with `budget` bits, or None if even its
+    /// cheapest options do not fit. Budgets must not increase between calls.
+    #[inline]
+    fn bound(&mut self, budget: u64) -> Option<f64> {
+        let extra = budget.checked_sub(self.base_cost)?;
+        let cum = self.cum;
+        let p = match self.p {
+            None => cum.partition_point(|&(w, _)| w <= extra),
+            Some(mut p) => {
+                while p > 0 && cum[p - 1].0 > extra {
+                    p -= 1;
+                }
+                p
+            }
+        };
+        self.p = Some(p);
         let (w0, v0) = if p == 0 { (0, 0.0) } else { cum[p - 1] };
         let drop = match cum.get(p) {
             Some(&(w1, v1)) => v0 + (v1 - v0) * (extra - w0) as f64 / (w1 - w0) as f64,
             None => v0,
         };
-        Some(self.base_value[s] - drop)
+        Some(self.base_value - drop)
+    }
+}
+
+/// Merge two Pareto lists (cost strictly increasing, value strictly decreasing) into `out`,
+/// keeping only states no other dominates (the cheaper one on equal cost and value).
+fn pareto_merge(a: &[State], b: &[State], out: &mut Vec<State>) {
+    let (mut i, mut j) = (0, 0);
+    let mut last = f64::INFINITY;
+    while i < a.len() || j < b.len() {
+        let take_a = j == b.len()
+            || (i < a.len()
+                && (a[i].cost < b[j].cost || (a[i].cost == b[j].cost && a[i].value <= b[j].value)));
+        let st = if take_a {
+            i += 1;
+            a[i - 1]
+        } else {
+            j += 1;
+            b[j - 1]
+        };
+        if st.value < last {
+            last = st.value;
+            out.push(st);
+        }
     }
 }
 

@@ -3,22 +3,12 @@ use super::mckp::{McSol, Mckp};
 
 /// The greedy solution and the critical slope λ* of the LP (0 when the LP is integral).
 pub(crate) fn hull_greedy(m: &Mckp, budget: u64) -> (McSol, f64) {
-    // Every hull segment (class, position of its upper end) with its efficiency −Δv/Δw.
-    let mut segs: Vec<(f64, u32, u32)> = Vec::new();
-    for (ci, c) in m.classes.iter().enumerate() {
-        for h in 1..c.hull.len() {
-            let (w0, v0) = c.opts[c.hull[h - 1] as usize];
-            let (w1, v1) = c.opts[c.hull[h] as usize];
-            segs.push(((v0 - v1) / (w1 - w0) as f64, ci as u32, h as u32));
-        }
-    }
-    segs.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-
+    let segs = &m.segs;
     let mut pos = vec![0u32; m.classes.len()];
     let mut blocked = vec![false; m.classes.len()];
     let mut cost = m.min_cost;
     let mut lambda = None;
-    for &(eff, ci, h) in &segs {
+    for &(eff, ci, h) in segs {
         let ci = ci as usize;
         if blocked[ci] || pos[ci] + 1 != h {
             continue;

@@ -37,6 +37,10 @@ pub(crate) struct Mckp {
     pub min_cost: u64,
     /// Σ cost of each class's lowest-value option (cheapest among ties).
     pub best_cost: u64,
+    /// Every hull segment (efficiency −Δv/Δw, class, position of its upper end in the hull),
+    /// by decreasing efficiency (ties by class, then position): the LP walk's order, which does
+    /// not depend on the budget.
+    pub segs: Vec<(f64, u32, u32)>,
 }
 
 /// A solution of the reduced knapsack: option index per class (into `Class::opts`).
@@ -61,10 +65,20 @@ impl Mckp {
             .map(|c| c.opts[c.cheapest() as usize].0)
             .sum();
         let best_cost = classes.iter().map(|c| c.opts[c.best() as usize].0).sum();
+        let mut segs: Vec<(f64, u32, u32)> = Vec::new();
+        for (ci, c) in classes.iter().enumerate() {
+            for h in 1..c.hull.len() {
+                let (w0, v0) = c.opts[c.hull[h - 1] as usize];
+                let (w1, v1) = c.opts[c.hull[h] as usize];
+                segs.push(((v0 - v1) / (w1 - w0) as f64, ci as u32, h as u32));
+            }
+        }
+        segs.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         Mckp {
             classes,
             min_cost,
             best_cost,
+            segs,
         }
     }
 
