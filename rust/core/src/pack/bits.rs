@@ -175,7 +175,7 @@ pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) 
         .for_each(|(src, dst)| match bits {
             2 => pack_seq::<2, 16, 1>(src, cols, dst),
             3 => pack_seq::<3, 32, 3>(src, cols, dst),
-            4 => pack_seq::<4, 8, 1>(src, cols, dst),
+            4 => pack4_seq(src, cols, dst),
             5 => pack_seq::<5, 32, 5>(src, cols, dst),
             6 => pack_seq::<6, 16, 3>(src, cols, dst),
             8 => pack_seq::<8, 4, 1>(src, cols, dst),
@@ -210,6 +210,23 @@ const LANES: usize = 16;
 /// Sequential packing of whole blocks. `B` bits, `R` rows → `W` words per block, all const so
 /// every shift folds: for each tile of `LANES` columns the block's words are accumulated in
 /// registers from the `R` code rows (contiguous loads) and stored once.
+/// 4-bit special case: eight rows make one word. Pairs of rows are first merged into bytes
+/// (`lo | hi << 4`, sixteen lanes per SSE2 op), then four such bytes form the little-endian
+/// word, which compiles to byte interleaves instead of widening every code to 32 bits.
+fn pack4_seq(codes: &[u8], cols: usize, out: &mut [i32]) {
+    for (blk_in, blk_out) in codes.chunks_exact(8 * cols).zip(out.chunks_exact_mut(cols)) {
+        let r: Vec<&[u8]> = blk_in.chunks_exact(cols).collect();
+        let (r0, r1, r2, r3, r4, r5, r6, r7) = (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]);
+        for (c, o) in blk_out.iter_mut().enumerate() {
+            let b0 = r0[c] | (r1[c] << 4);
+            let b1 = r2[c] | (r3[c] << 4);
+            let b2 = r4[c] | (r5[c] << 4);
+            let b3 = r6[c] | (r7[c] << 4);
+            *o = i32::from_le_bytes([b0, b1, b2, b3]);
+        }
+    }
+}
+
 fn pack_seq<const B: usize, const R: usize, const W: usize>(
     codes: &[u8],
     cols: usize,
