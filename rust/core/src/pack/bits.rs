@@ -173,12 +173,12 @@ pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) 
         .par_chunks(rpb * cols * blocks_per_task)
         .zip(out.par_chunks_mut(wpb * cols * blocks_per_task))
         .for_each(|(src, dst)| match bits {
-            2 => pack_seq::<2, 16, 1>(src, cols, dst),
+            2 => pack2_seq(src, cols, dst),
             3 => pack_seq::<3, 32, 3>(src, cols, dst),
             4 => pack4_seq(src, cols, dst),
             5 => pack_seq::<5, 32, 5>(src, cols, dst),
             6 => pack_seq::<6, 16, 3>(src, cols, dst),
-            8 => pack_seq::<8, 4, 1>(src, cols, dst),
+            8 => pack8_seq(src, cols, dst),
             _ => unreachable!("bit width validated by the caller"),
         });
 }
@@ -223,6 +223,41 @@ fn pack4_seq(codes: &[u8], cols: usize, out: &mut [i32]) {
             let b2 = r4[c] | (r5[c] << 4);
             let b3 = r6[c] | (r7[c] << 4);
             *o = i32::from_le_bytes([b0, b1, b2, b3]);
+        }
+    }
+}
+
+/// 2-bit: sixteen rows make one word; four rows merge into each of its bytes first.
+fn pack2_seq(codes: &[u8], cols: usize, out: &mut [i32]) {
+    for (blk_in, blk_out) in codes
+        .chunks_exact(16 * cols)
+        .zip(out.chunks_exact_mut(cols))
+    {
+        // Slices of exactly `cols` bytes, so the loop below needs no bounds checks.
+        let row = |k: usize| &blk_in[k * cols..(k + 1) * cols];
+        let (a0, a1, a2, a3) = (row(0), row(1), row(2), row(3));
+        let (b0, b1, b2, b3) = (row(4), row(5), row(6), row(7));
+        let (c0, c1, c2, c3) = (row(8), row(9), row(10), row(11));
+        let (d0, d1, d2, d3) = (row(12), row(13), row(14), row(15));
+        let blk_out = &mut blk_out[..cols];
+        for c in 0..cols {
+            let a = a0[c] | (a1[c] << 2) | (a2[c] << 4) | (a3[c] << 6);
+            let b = b0[c] | (b1[c] << 2) | (b2[c] << 4) | (b3[c] << 6);
+            let cc = c0[c] | (c1[c] << 2) | (c2[c] << 4) | (c3[c] << 6);
+            let d = d0[c] | (d1[c] << 2) | (d2[c] << 4) | (d3[c] << 6);
+            blk_out[c] = i32::from_le_bytes([a, b, cc, d]);
+        }
+    }
+}
+
+/// 8-bit: four rows are the four bytes of one word.
+fn pack8_seq(codes: &[u8], cols: usize, out: &mut [i32]) {
+    for (blk_in, blk_out) in codes.chunks_exact(4 * cols).zip(out.chunks_exact_mut(cols)) {
+        let (r0, rest) = blk_in.split_at(cols);
+        let (r1, rest) = rest.split_at(cols);
+        let (r2, r3) = rest.split_at(cols);
+        for (c, o) in blk_out.iter_mut().enumerate() {
+            *o = i32::from_le_bytes([r0[c], r1[c], r2[c], r3[c]]);
         }
     }
 }
