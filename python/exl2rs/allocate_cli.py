@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from exl2rs.allocation import SOLVERS, allocate, frontier
+from exl2rs.atomic import atomic_write_json
 from exl2rs.errors import InvalidProblemError
 
 
@@ -95,16 +93,6 @@ def add_frontier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.05)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_allocate(args: argparse.Namespace) -> int:
     a = allocate(
         args.measurement,
@@ -125,9 +113,9 @@ def run_allocate(args: argparse.Namespace) -> int:
     )
     print(a.table(limit=args.limit))
     if args.json:
-        _write_json(args.json, a.to_dict())
+        atomic_write_json(args.json, a.to_dict())
     if args.strategy:
-        _write_json(args.strategy, a.strategy())
+        atomic_write_json(args.strategy, a.strategy())
     return 0
 
 
@@ -148,7 +136,7 @@ def run_frontier(args: argparse.Namespace) -> int:
     )
     print(f.table())
     if args.json:
-        _write_json(
+        atomic_write_json(
             args.json,
             [
                 None

@@ -13,13 +13,13 @@ strategies, and PNG plots of the allocations and frontiers.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from exl2rs import fixtures
 from exl2rs._core import Measurement, Problem
 from exl2rs.allocation import SOLVERS, allocate, frontier
+from exl2rs.atomic import atomic_write_json
 from exl2rs.measure import measure
 from exl2rs.report import plot_allocation, plot_frontiers
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         exact_m = allocate(m, target)
         strategy = args.out / f"strategy_{target:.1f}.json"
-        strategy.write_text(json.dumps(exact_m.strategy(), indent=1))
+        atomic_write_json(strategy, exact_m.strategy())
         plot_allocation(
             exact_m,
             args.out / f"allocation_{target:.1f}.png",

@@ -30,6 +30,7 @@ import torch
 
 from exl2rs import gptq
 from exl2rs._core import Measurement
+from exl2rs.atomic import atomic_write_bytes
 from exl2rs.errors import (
     CalibrationError,
     Exl2Error,
@@ -96,28 +97,6 @@ def _config_dict(q: QParams) -> dict[str, Any]:
 
 def _config_key(q: QParams) -> str:
     return _canonical(_config_dict(q)).decode()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via tmp file + fsync + os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _json_bytes(obj: Any) -> bytes:
