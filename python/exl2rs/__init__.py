@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from exl2rs import _hf_hook
 from exl2rs._core import Exl2Measurement, Measurement, Problem, Solution, __version__
 from exl2rs.allocation import Allocation, Frontier, allocate, frontier, problem_from_arrays
+from exl2rs.convert import ConvertResult, convert
 from exl2rs.errors import (
     CalibrationError,
     CancelledError,
@@ -34,6 +35,8 @@ _hf_hook.install()
 
 __all__ = [
     "Allocation",
+    "ConvertResult",
+    "convert",
     "Exl2Measurement",
     "Frontier",
     "Measurement",
