@@ -532,10 +532,15 @@ def _convert(
         _emit(status, t_start, "begin", completion=0.0)
         from safetensors.torch import save
 
-        from exl2rs.calibration import load_rows
+        from exl2rs.calibration import TOKEN_SUFFIXES, load_rows
 
-        tok = sm.tokenizer
         cal_src: str | Path = "default" if builtin else Path(calibration)
+        # Token-id files need no tokenizer (models without tokenizer files can use them).
+        tok = (
+            None
+            if cal_src != "default" and Path(cal_src).suffix in TOKEN_SUFFIXES
+            else sm.tokenizer
+        )
         ids = load_rows(cal_src, tok, rows, length, seed=seed)
         tensors = {"input_ids": ids.contiguous()}
         if given_strategy is None and measurement is None:
