@@ -334,3 +334,61 @@ def test_quant_linear_reports_bits(exl2_dir: Path) -> None:
     model = exl2rs.load(exl2_dir)
     assert "bits=[8, 4, 3, 2]" in repr(model.model.layers[0].mlp.down_proj)
     assert np.all(model.model.layers[0].mlp.gate_proj.q_perm.numpy() >= 0)
+
+
+# -- evaluation of a quantized directory ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_exl2_with_tokenizer(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
+) -> Path:
+    return write_exl2_dir(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("exl2_tok"),
+        config_for=lambda n: uniform(4),
+        head_bits=None,  # the tied 49152-row head stays the embedding: keeps the test fast
+    )
+
+
+def test_evaluate_quantized_dir(
+    tiny_exl2_with_tokenizer: Path,
+    tiny_llama_dir: Path,
+    wiki_text: str,
+    tokenizer: Any,
+    tmp_path: Path,
+) -> None:
+    from exl2rs.cli import main
+    from exl2rs.evaluate import (
+        evaluate_model,
+        kl_divergence,
+        perplexity,
+        streamed_perplexity,
+        wiki_ho_windows,
+    )
+    from exl2rs.streaming import StreamingModel
+
+    windows = wiki_ho_windows(tokenizer, wiki_text)[:1]
+    res = evaluate_model(
+        tiny_exl2_with_tokenizer, reference=tiny_llama_dir, num_windows=1, wiki_text=wiki_text
+    )
+    model = exl2rs.load(tiny_exl2_with_tokenizer, dtype=torch.float32)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return logits(model, x)
+
+    ref = StreamingModel(tiny_llama_dir)
+    assert res.windows == 1 and res.predicted_tokens == 511
+    assert res.perplexity == pytest.approx(perplexity(fn, windows), rel=1e-5)
+    assert res.reference_perplexity == pytest.approx(streamed_perplexity(ref, windows), rel=1e-5)
+    # The eval path runs cached dense weights: the same numbers up to fp32 summation order.
+    assert res.kl_divergence == pytest.approx(kl_divergence(ref.logits, fn, windows), rel=1e-2)
+    assert res.kl_divergence is not None and res.kl_divergence > 1e-6
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(tiny_exl2_with_tokenizer), "--reference", str(tiny_llama_dir)]
+    assert main([*argv, "--windows", "1", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["quantized"] is True
+    assert saved["perplexity"] == pytest.approx(res.perplexity, rel=1e-6)
+    assert saved["kl_divergence"] == pytest.approx(res.kl_divergence, rel=1e-6)
+    assert main([*argv, "--windows", "0"]) == 2

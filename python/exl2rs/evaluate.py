@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,48 +149,185 @@ def streamed_perplexity(
     return math.exp(total / count)
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """Wiki-ho numbers of one model: perplexity, and with a reference ``KL(ref ‖ model)`` in
+    nats per predicted token and the reference's own perplexity on the same windows."""
+
+    perplexity: float
+    kl_divergence: float | None
+    reference_perplexity: float | None
+    windows: int
+    predicted_tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def perplexity_and_kl(
+    logits_fn: LogitsFn,
+    windows: torch.Tensor,
+    ref_logits_fn: LogitsFn | None = None,
+    *,
+    batch_size: int = 4,
+) -> tuple[float, float | None, float | None]:
+    """(perplexity, KL(ref ‖ model), reference perplexity) in one pass: each batch of windows
+    runs through each model once and its logits serve both measures."""
+    _check_windows(windows)
+    nll_sum = ref_nll_sum = kl_sum = 0.0
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        out = _logits(logits_fn, batch, "model")
+        nll_sum += float(token_nll(out, batch).double().sum())
+        count += batch.shape[0] * (batch.shape[1] - 1)
+        if ref_logits_fn is not None:
+            ref = _logits(ref_logits_fn, batch, "reference")
+            if ref.shape != out.shape:
+                raise Exl2Error(
+                    f"reference logits {tuple(ref.shape)} and model logits {tuple(out.shape)} "
+                    "differ in shape (different vocabularies?)"
+                )
+            ref_nll_sum += float(token_nll(ref, batch).double().sum())
+            ref_lp = _log_probs(ref)
+            lp = _log_probs(out).to(ref_lp.device)
+            kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum())
+    ppl = math.exp(nll_sum / count)
+    if ref_logits_fn is None:
+        return ppl, None, None
+    return ppl, kl_sum / count, math.exp(ref_nll_sum / count)
+
+
+def is_exl2_dir(path: str | Path) -> bool:
+    """Whether ``path``'s config.json declares ``quant_method: "exl2"``."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return False
+    try:
+        qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "exl2"
+
+
+def _hf_logits_fn(model: Any) -> LogitsFn:
+    device = next(model.parameters()).device
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out: torch.Tensor = model(ids.to(device)).logits
+        return out
+
+    return fn
+
+
+def _load_tokenizer(*dirs: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(d)
+    raise Exl2Error(f"no tokenizer files in {', '.join(str(d) for d in dirs)}")
+
+
+def evaluate_model(
+    model: str | Path,
+    *,
+    reference: str | Path | None = None,
+    num_windows: int = NUM_WINDOWS,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4,
+    wiki_text: str | None = None,
+) -> EvalResult:
+    """Wiki-ho perplexity of ``model`` (an EXL2 directory, loaded with :func:`exl2rs.load` in
+    fp32 with cached dequantized weights, or an unquantized HF folder, run block by block) and,
+    with ``reference`` (an unquantized HF folder), KL(reference ‖ model) on the same windows."""
+    from exl2rs.load import load
+
+    if not 1 <= num_windows <= NUM_WINDOWS:
+        raise Exl2Error(f"num_windows must be in [1, {NUM_WINDOWS}], got {num_windows}")
+    if wiki_text is None:
+        from exl2rs.fixtures import wiki_text as fetch_wiki
+
+        wiki_text = fetch_wiki()
+    model = Path(model)
+    dirs = [model] + ([Path(reference)] if reference is not None else [])
+    windows = wiki_ho_windows(_load_tokenizer(*dirs), wiki_text)[:num_windows]
+    t0 = time.perf_counter()
+    if is_exl2_dir(model):
+        logits_fn = _hf_logits_fn(
+            load(model, device=device, dtype=torch.float32, cache_weights=True)
+        )
+    elif reference is None:
+        # Unquantized alone: every window through each block at once (each block read once).
+        ppl = streamed_perplexity(model, windows, device=device)
+        return EvalResult(ppl, None, None, *_counts(windows), time.perf_counter() - t0)
+    else:
+        logits_fn = StreamingModel(model, device).logits
+    ref_fn = None if reference is None else StreamingModel(Path(reference), device).logits
+    ppl, kl, ref_ppl = perplexity_and_kl(logits_fn, windows, ref_fn, batch_size=batch_size)
+    return EvalResult(ppl, kl, ref_ppl, *_counts(windows), time.perf_counter() - t0)
+
+
+def _counts(windows: torch.Tensor) -> tuple[int, int]:
+    """(windows, predicted tokens)."""
+    return int(windows.shape[0]), int(windows.shape[0] * (windows.shape[1] - 1))
+
+
 # -- CLI subcommand (dispatched by exl2rs.cli) ---------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "model", type=Path, help="HF model folder, evaluated in fp32 block by block"
+        "model",
+        type=Path,
+        help="an EXL2 directory (loaded with QuantLinear) or an unquantized HF model folder",
     )
     parser.add_argument(
         "--reference",
         type=Path,
-        help="reference HF model folder: also report KL(reference ‖ model)",
+        help="unquantized reference HF model folder: also report KL(reference ‖ model)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device for the blocks (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--windows",
         type=int,
         default=NUM_WINDOWS,
         help=f"score the first N of the {NUM_WINDOWS} wiki-ho windows (default all)",
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from exl2rs.fixtures import wiki_text
+    from exl2rs.atomic import atomic_write_json
 
     if not 1 <= args.windows <= NUM_WINDOWS:
         raise Exl2Error(f"--windows must be in [1, {NUM_WINDOWS}], got {args.windows}")
-    model = StreamingModel(args.model, args.device)
-    windows = wiki_ho_windows(model.tokenizer, wiki_text())[: args.windows]
+    if args.batch_size < 1:
+        raise Exl2Error(f"--batch-size must be at least 1, got {args.batch_size}")
+    res = evaluate_model(
+        args.model,
+        reference=args.reference,
+        num_windows=args.windows,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
     result: dict[str, Any] = {
         "model": str(args.model),
+        "quantized": is_exl2_dir(args.model),
         "protocol": "wiki-ho",
-        "windows": int(windows.shape[0]),
-        "predicted_tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
-        "perplexity": streamed_perplexity(model, windows),
+        **res.to_dict(),
     }
-    print(f"wiki-ho perplexity: {result['perplexity']:.4f} ({result['windows']} windows)")
     if args.reference is not None:
-        reference = StreamingModel(args.reference, args.device)
         result["reference"] = str(args.reference)
-        result["kl_divergence"] = kl_divergence(reference.logits, model.logits, windows)
-        print(f"KL(reference ‖ model): {result['kl_divergence']:.6f} nats/token")
+    print(f"wiki-ho perplexity: {res.perplexity:.4f} ({res.windows} windows)")
+    if res.kl_divergence is not None:
+        print(f"reference perplexity: {res.reference_perplexity:.4f}")
+        print(f"KL(reference ‖ model): {res.kl_divergence:.6f} nats/token")
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.json, result)
     return 0
