@@ -248,7 +248,11 @@ def _linear_shapes(sm: Any) -> dict[str, tuple[int, int]]:
 
 
 def _fixed_bytes(
-    model_dir: Path, linears: set[str], head_bits: int, hidden: int, vocab: int
+    model_dir: Path,
+    shapes: Mapping[str, tuple[int, int]],
+    head_bits: int,
+    hidden: int,
+    vocab: int,
 ) -> int:
     """Bytes of everything outside the decoder linears: fp16 non-linear tensors + the head."""
     from safetensors import safe_open
@@ -264,7 +268,7 @@ def _fixed_bytes(
         with safe_open(str(path), framework="pt") as f:
             for name in names:
                 prefix = name.rpartition(".")[0]
-                if prefix in linears and name.endswith(".weight"):
+                if prefix in shapes and name.endswith(".weight"):
                     continue
                 if name == "lm_head.weight":
                     continue
@@ -273,7 +277,10 @@ def _fixed_bytes(
                 for s in shape:
                     n *= int(s)
                 total += 2 * n
-    return total + (head_config(head_bits).total_bits(hidden, vocab) + 7) // 8
+    head = (head_config(head_bits).total_bits(hidden, vocab) + 7) // 8
+    # q_perm (int32 per input row) is stored beside q_invperm but not in the cost model.
+    perms = 4 * (sum(k for k, _ in shapes.values()) + hidden)
+    return total + head + perms
 
 
 def _bpw_range(shapes: Mapping[str, tuple[int, int]]) -> tuple[float, float]:
@@ -804,7 +811,7 @@ def _allocate(
     if target_size is not None:
         overhead = _fixed_bytes(
             src,
-            set(shapes),
+            shapes,
             head_bits,
             int(sm.config.hidden_size),
             int(sm.config.vocab_size),
