@@ -384,3 +384,64 @@ def test_bad_arguments(
     with pytest.raises(ModelError):
         exl2rs.convert(tmp_path, tmp_path / "w", bits=4.0)
     assert not (tmp_path / "w").exists()  # nothing written for refused arguments
+
+
+# -- the full SmolLM2 ----------------------------------------------------------------------------
+
+
+def test_full_smollm2_uniform_4bit_perplexity(tmp_path: Path) -> None:
+    """All 30 layers + head, 2 x 256 calibration rows, a uniform strategy (no measurement: a
+    measurement of 30 layers costs minutes on 2 cores); wiki-ho perplexity on 4 windows against
+    bounds from the fp32 model on the same windows."""
+    from exl2rs.evaluate import perplexity, streamed_perplexity, wiki_ho_windows
+    from exl2rs.fixtures import smollm2_dir, wiki_text
+    from exl2rs.quantize import decoder_linears
+    from exl2rs.streaming import StreamingModel
+
+    src = smollm2_dir()
+    sm = StreamingModel(src)
+    strategy = {n: QParams((4,), (1.0,), (128,)) for n in decoder_linears(sm.adapter, 30)}
+    res = exl2rs.convert(
+        src, tmp_path / "w", strategy=strategy, bits=None, rows=2, length=256, progress=False
+    )
+    assert 4.1 < res.bpw < 4.2 and res.cal_ppl_quant is not None
+    windows = wiki_ho_windows(sm.tokenizer, wiki_text())[:4]
+    ppl_fp32 = streamed_perplexity(sm, windows)
+    model = exl2rs.load(res.output_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ppl_q = perplexity(lambda ids: model(ids).logits, windows, batch_size=2)
+    assert 0.97 * ppl_fp32 < ppl_q < 1.25 * ppl_fp32, (ppl_fp32, ppl_q)
+
+
+def test_output_measurement_only(small: dict[str, Path], tmp_path: Path) -> None:
+    from exl2rs._core import Exl2Measurement, Measurement
+
+    om = tmp_path / "out" / "measurement.json"
+    res = exl2rs.convert(
+        small["model"],
+        tmp_path / "w",
+        bits=4.0,
+        output_measurement=om,
+        calibration=small["cal"],
+        measurement_rows=2,
+        measurement_length=32,
+        rows=2,
+        length=32,
+        progress=False,
+    )
+    Exl2Measurement.load(om)  # exllamav2's format
+    native = Measurement.load(om.with_name("measurement.exl2rs.json"))
+    assert len(native.linear_names) == 28
+    assert not (tmp_path / "w" / "exl2").exists() and res.measurement is not None
+    job = json.loads((tmp_path / "w" / "job.json").read_text())
+    assert job["stage"] == "finished"
+
+
+def test_shard_plan() -> None:
+    from exl2rs.export import ExportError, _shard_plan
+
+    sizes = {"a": 4, "b": 4, "c": 3, "d": 8}
+    assert _shard_plan(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d"]]
+    assert _shard_plan(list(sizes), sizes, None) == [["a", "b", "c", "d"]]
+    with pytest.raises(ExportError, match=r"tensor d \(8 bytes\) does not fit"):
+        _shard_plan(list(sizes), sizes, 7)
