@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("exl2rs.evaluate", "wiki-ho perplexity / KL of an HF model folder"),
     "eval": ("exl2rs.evaluate", "wiki-ho perplexity of an EXL2 dir, KL to --reference"),
     "export-gptq": ("exl2rs.export_gptq", "transcode an EXL2 dir to GPTQ-v1 (+ dynamic rules)"),
+    "report": ("exl2rs.report", "HTML report of an exl2rs output: heatmap, frontier, per layer"),
     "convert": ("exl2rs.convert", "quantize a model to EXL2: measure, allocate, quantize, compile"),
     "inspect": ("exl2rs.inspect_cli", "what an EXL2 directory holds, checked against its config"),
 }
