@@ -62,7 +62,8 @@ bench: setup
 # Compile check of the CUDA kernels on any machine (no GPU needed): nvcc from PyPI, pinned to
 # torch's CUDA minor version, installed beside (not into) the venv's site-packages so torch's
 # own nvidia-* packages are never replaced; then every kernel source for sm_90 with warnings
-# as errors, and the torch binding against torch's headers, in parallel.
+# as errors, and the torch binding against torch's headers, in parallel; then the kernels run
+# on the CPU emulator (tests/cuda_emu.cpp) against the reference.
 CUDA_SRC := python/exl2rs/cuda
 CUDA_FALLBACK := 13.2
 CUDA_CHECK_OUT := target/cuda-check
@@ -103,7 +104,9 @@ cuda-check: deps
 	grep -B2 -E "[1-9][0-9]* bytes spill" $(CUDA_CHECK_OUT)/nvcc.log | grep -oE "Function properties for \S+|[0-9]+ bytes spill (stores|loads)" | sed 's/^/cuda-check: spills: /' || true; \
 	if wait $$bd; then echo "cuda-check: exl2_bindings.cpp compiled against torch $$($(PY) -c 'import torch; print(torch.__version__)') headers"; \
 	else ok=0; echo "cuda-check: binding compile FAILED:"; cat $(CUDA_CHECK_OUT)/bindings.log; fi; \
-	[ $$ok = 1 ]
+	[ $$ok = 1 ]; \
+	echo "cuda-check: running the kernels on the CPU emulator (tests/cuda_emu.cpp)"; \
+	EXL2RS_CUDA_INCLUDE=$$root/include $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_cuda.py -k kernels_emulated
 
 clean:
 	cargo clean
