@@ -392,3 +392,23 @@ def test_evaluate_quantized_dir(
     assert saved["perplexity"] == pytest.approx(res.perplexity, rel=1e-6)
     assert saved["kl_divergence"] == pytest.approx(res.kl_divergence, rel=1e-6)
     assert main([*argv, "--windows", "0"]) == 2
+
+
+def test_exllamav2_style_dir_without_index_or_metadata(
+    exl2_dir_tied: Path, tmp_path: Path, ids: torch.Tensor
+) -> None:
+    # exllamav2's compile writes bare shards: no index, no {"format": "pt"}, no q_perm.
+    d = copy_dir(exl2_dir_tied, tmp_path / "d")
+    (d / "model.safetensors.index.json").unlink()
+    for f in d.glob("*.safetensors"):
+        save_file(load_file(f), str(f))
+    want = logits(exl2rs.load(exl2_dir_tied, dtype=torch.float32), ids)
+    assert torch.equal(logits(exl2rs.load(d, dtype=torch.float32), ids), want)
+
+
+@pytest.mark.cuda
+def test_load_on_cuda_matches_cpu(exl2_dir: Path, ids: torch.Tensor) -> None:
+    cpu = logits(exl2rs.load(exl2_dir, dtype=torch.float32), ids)
+    gpu = logits(exl2rs.load(exl2_dir, device="cuda", dtype=torch.float16), ids.cuda())
+    assert gpu.device.type == "cuda"
+    assert float((gpu.float().cpu() - cpu).abs().max()) < 0.02 * float(cpu.abs().max())
