@@ -71,7 +71,7 @@ print(f"built/loaded in {time.perf_counter() - t0:.1f} s at {cuda_ops.build_dir(
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-"$PY" -m pytest -m cuda -p no:cacheprovider -ra -q tests/test_cuda.py tests/test_ops.py \
+"$PY" -m pytest -m cuda -p no:cacheprovider -ra -q tests \
   --junitxml "$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
