@@ -404,12 +404,13 @@ def test_full_smollm2_uniform_4bit_perplexity(tmp_path: Path) -> None:
     res = exl2rs.convert(
         src, tmp_path / "w", strategy=strategy, bits=None, rows=2, length=256, progress=False
     )
-    assert 4.1 < res.bpw < 4.2 and res.cal_ppl_quant is not None
+    assert 4.0 < res.bpw < 4.2 and res.cal_ppl_quant is not None
     windows = wiki_ho_windows(sm.tokenizer, wiki_text())[:4]
     ppl_fp32 = streamed_perplexity(sm, windows)
     model = exl2rs.load(res.output_dir, dtype=torch.float32)
     with torch.no_grad():
         ppl_q = perplexity(lambda ids: model(ids).logits, windows, batch_size=2)
+    print(f"full SmolLM2 4b_128g: wiki-ho[:4] ppl fp32 {ppl_fp32:.4f} quant {ppl_q:.4f}")
     assert 0.97 * ppl_fp32 < ppl_q < 1.25 * ppl_fp32, (ppl_fp32, ppl_q)
 
 

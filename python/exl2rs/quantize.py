@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,6 @@ class QuantizeResult:
     cal_ppl_quant: float
     seconds: float
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def decoder_linears(adapter: Any, num_layers: int) -> list[str]:
@@ -214,7 +213,6 @@ class _Ctx:
     tensors_dir: Path
     linears_log: list[dict[str, Any]]
     modules_log: list[dict[str, Any]]
-    event: Event
 
 
 def _quantize_linear(
@@ -444,7 +442,7 @@ def quantize_model(
         states, ref_states = saved["states"], saved["ref_states"]
         start = int(prog["next_layer"])
         linears_log, modules_log = list(prog["linears"]), list(prog["modules"])
-    ctx = _Ctx(sm, strategy, rtn, scale_search, dev, tensors_dir, linears_log, modules_log, emit)
+    ctx = _Ctx(sm, strategy, rtn, scale_search, dev, tensors_dir, linears_log, modules_log)
 
     total_steps = sm.num_layers + 1
     bar = tqdm(
