@@ -92,7 +92,7 @@ void gemv(const std::string& d, int m, int k, int np, int n, int q, int g, int c
 }
 
 template <class T>
-void dequant(const std::string& d, int k, int np, int n, int q, int g, int c) {
+void dequant(const std::string& d, int k, int np, int n, int q, int g, int c, bool storage) {
   auto qw = read<uint32_t>(d + "/q_weight", (size_t)q * np);
   auto qs = read<uint32_t>(d + "/q_scale", (size_t)g * np / 8);
   auto sm = read<__half>(d + "/q_scale_max", g);
@@ -100,11 +100,26 @@ void dequant(const std::string& d, int k, int np, int n, int q, int g, int c) {
   auto ch = read<int4>(d + "/chunks", c);
   auto gr = read<int>(d + "/group_rows", g + 1);
   std::vector<T> w((size_t)k * n);
-  const dim3 grid((np + exl2::kTileCols - 1) / exl2::kTileCols, c);
-  run_grid(grid, exl2::kThreads, [&] {
-    exl2::dequant_kernel<T>(qw.data(), qs.data(), sm.data(), ch.data(), gr.data(), perm.data(), 0,
-                            0, np, n, w.data());
-  });
+  if (!storage) {
+    const dim3 grid((np + exl2::kTileCols - 1) / exl2::kTileCols, c);
+    run_grid(grid, exl2::kThreads, [&] {
+      exl2::dequant_kernel<T>(qw.data(), qs.data(), sm.data(), ch.data(), gr.data(), perm.data(),
+                              0, 0, np, n, w.data());
+    });
+  } else {
+    // Storage order in two chunk ranges, as the K-chunked large-batch path calls it.
+    const int halves[3] = {0, c / 2, c};
+    for (int h = 0; h < 2; ++h) {
+      const int c0 = halves[h], nc = halves[h + 1] - c0;
+      if (nc == 0) continue;
+      const int row_base = ch[c0].x;
+      const dim3 grid((np + exl2::kTileCols - 1) / exl2::kTileCols, nc);
+      run_grid(grid, exl2::kThreads, [&] {
+        exl2::dequant_kernel<T>(qw.data(), qs.data(), sm.data(), ch.data(), gr.data(), nullptr,
+                                c0, row_base, np, n, w.data() + (size_t)row_base * n);
+      });
+    }
+  }
   write(d + "/w", w);
 }
 
@@ -128,9 +143,10 @@ int main(int argc, char** argv) {
     else if (dt == 1) gemv_tile<__nv_bfloat16>(d, m, k, np, n, q, g, c, s);
     else gemv_tile<float>(d, m, k, np, n, q, g, c, s);
   } else {
-    if (dt == 0) dequant<__half>(d, k, np, n, q, g, c);
-    else if (dt == 1) dequant<__nv_bfloat16>(d, k, np, n, q, g, c);
-    else dequant<float>(d, k, np, n, q, g, c);
+    const bool storage = mode == "dequant_storage";
+    if (dt == 0) dequant<__half>(d, k, np, n, q, g, c, storage);
+    else if (dt == 1) dequant<__nv_bfloat16>(d, k, np, n, q, g, c, storage);
+    else dequant<float>(d, k, np, n, q, g, c, storage);
   }
   return 0;
 }

@@ -301,6 +301,9 @@ def test_kernels_emulated_on_cpu(
     # Dequantize: bit-identical to the CPU reference op.
     w = run_emulator(emulator, tmp_path, "dequant", t, plan, dtype)
     assert torch.equal(w, ops.exl2_dequantize(*op_args(t), n, dtype))
+    # Storage (act-) order in two chunk ranges with a row base, as the K-chunked path uses it.
+    ws = run_emulator(emulator, tmp_path, "dequant_storage", t, plan, dtype)
+    assert torch.equal(ws, w[torch.from_numpy(np.argsort(t.q_invperm))])
     # GEMV at every batch tile (1, 2-4, 8 rows), with and without split-K, each against the
     # fp64 reference; a rerun is bit-identical.
     k = sum(r for _, r in groups)
