@@ -141,7 +141,8 @@ __device__ __forceinline__ void dequant_chunk(const Chunk& ch, const uint32_t* _
   int sg = -1;
   float sq[kColsPerThread];
   float smax = 0.0f;
-#pragma unroll
+  // Not unrolled: the fp32 instance spilled when it was, and each block's loads are grouped.
+#pragma unroll 1
   for (int u = 0; u < Wd::kUnroll; ++u) {
     const int r_blk = r_sb + u * Wd::kRows;
     if (r_blk >= ch.rows) break;
