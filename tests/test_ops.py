@@ -98,8 +98,9 @@ def test_random_layouts_match_rust(widths: list[int], blocks: list[int], n: int,
 
 
 def test_large_matrix_is_chunked_correctly() -> None:
-    # More rows than one unpack chunk holds at this width (4M elements / 600 columns).
-    t = random_pack([(4, 4096), (3, 4096), (2, 2048)], 1000, seed=11)
+    # More rows per width than one unpack chunk holds (4M elements / 1000 columns = 4192
+    # rows), with a partial last chunk.
+    t = random_pack([(4, 8200), (3, 4224), (2, 2048)], 1000, seed=11)
     w = ops.exl2_dequantize(*op_args(t), 1000, torch.float32)
     np.testing.assert_array_equal(w.numpy(), packing.dequantize_exl2(t))
 

@@ -17,6 +17,7 @@ q_scale_max float16, q_groups int16. Bad input raises :class:`exl2rs.PackError`.
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ __all__ = [
 EXL2_BITS = (2, 3, 4, 5, 6, 8)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COL_ALIGN = 32
-# Rows unpacked at once: bounds the int64 temporaries to ~32 MiB each for any matrix width.
+# Rows unpacked at once: bounds the temporaries to ~16 MiB each for any matrix width.
 _UNPACK_ELEMENTS = 1 << 22
 
 
@@ -140,17 +141,45 @@ def _unpack_scales(q_scale: torch.Tensor, out_features: int) -> torch.Tensor:
     return qs1 * qs1
 
 
-def _row_tables(layout: Exl2Layout, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per storage row: q_weight word, bit shift in it, code mask, zero point and group."""
-    word, shift, mask, zero, group = [], [], [], [], []
-    for g, (bits, _, rows, q0) in enumerate(layout.groups):
-        bit = torch.arange(rows, dtype=torch.int64) * bits
-        word.append(q0 + bit // 32)
-        shift.append(bit % 32)
-        mask.append(torch.full((rows,), (1 << bits) - 1, dtype=torch.int64))
-        zero.append(torch.full((rows,), float(1 << (bits - 1)), dtype=torch.float32))
-        group.append(torch.full((rows,), g, dtype=torch.int64))
-    return tuple(torch.cat(t).to(device) for t in (word, shift, mask, zero, group))
+def _width_runs(layout: Exl2Layout) -> list[tuple[int, int, int, int, list[int]]]:
+    """Consecutive groups of one width (widths are non-increasing, so each width is one run):
+    (bits, first storage row, rows, first q_weight row, group indices)."""
+    runs: list[tuple[int, int, int, int, list[int]]] = []
+    for g, (bits, r0, rows, q0) in enumerate(layout.groups):
+        if runs and runs[-1][0] == bits:
+            b, rr0, rrows, rq0, gs = runs[-1]
+            runs[-1] = (b, rr0, rrows + rows, rq0, [*gs, g])
+        else:
+            runs.append((bits, r0, rows, q0, [g]))
+    return runs
+
+
+def _unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[qrows·32/bits, N]`` (int32) of ``bits``-bit values packed LSB first along the
+    rows of the int32 ``words`` (``[qrows, N]``).
+
+    A block of ``bits/gcd`` words holds ``32/gcd`` values; value ``j`` of a block starts at bit
+    ``j·bits`` of the block's little-endian bitstream, so every shift is a Python constant and
+    each step is one vectorised op over all blocks and columns. Right shifts are arithmetic on
+    int32; masking right after each shift keeps only real bits, and the high part of a value
+    that straddles two words is masked before its left shift, so nothing overflows.
+    """
+    g = math.gcd(bits, 32)
+    per_words, per_rows = bits // g, 32 // g
+    blocks = words.view(-1, per_words, words.shape[1])
+    out = torch.empty(
+        (blocks.shape[0], per_rows, words.shape[1]), dtype=torch.int32, device=words.device
+    )
+    mask = (1 << bits) - 1
+    for j in range(per_rows):
+        word, shift = divmod(j * bits, 32)
+        if shift + bits <= 32:
+            torch.bitwise_and(blocks[:, word] >> shift, mask, out=out[:, j])
+        else:  # straddles into the next word
+            lo = (blocks[:, word] >> shift) & ((1 << (32 - shift)) - 1)
+            hi = (blocks[:, word + 1] & ((1 << (shift + bits - 32)) - 1)) << (32 - shift)
+            torch.bitwise_or(lo, hi, out=out[:, j])
+    return out.view(-1, words.shape[1])
 
 
 def _storage_weight(
@@ -171,27 +200,25 @@ def _storage_weight(
             f"{op}: q_groups describes {layout.rows} input rows, q_perm has {q_perm.shape[0]}"
         )
     device = q_weight.device
-    word, shift, mask, zero, group = _row_tables(layout, device)
-    sq = _unpack_scales(q_scale, out_features)
-    # max/256 is exact (a power-of-two scaling of an fp16 value); (q - z)·(qs+1)² is an exact
-    # integer in fp32, so the single rounding is the final multiply, as in the Rust reference.
-    smax = q_scale_max.to(torch.float32) / 256
-    # Words as unsigned 32-bit values in int64, so right shifts are logical.
-    words = q_weight[:, :out_features].to(torch.int64) & 0xFFFFFFFF
+    # (qs+1)² · max/256 per group and column is exact in fp32 ((qs+1)² has 9 significant
+    # bits, an fp16 max/256 11), and (q - z) is a small integer, so the product below is
+    # rounded once, as in the Rust reference: bit-identical results.
+    smax = (q_scale_max.to(torch.float32) / 256)[:, None]
+    scale = _unpack_scales(q_scale, out_features) * smax
     out = torch.empty((layout.rows, out_features), dtype=torch.float32, device=device)
-    step = max(1, _UNPACK_ELEMENTS // out_features)
-    for r0 in range(0, layout.rows, step):
-        rows = slice(r0, min(r0 + step, layout.rows))
-        w = word[rows]
-        s = shift[rows].unsqueeze(1)
-        lo = words[w]
-        # A code that straddles a word boundary takes its high bits from the next word; when
-        # it does not, the bits shifted in lie above the mask. Groups fill whole words, so
-        # the clamp only ever picks a word whose bits are masked away.
-        hi = words[(w + 1).clamp(max=qrows - 1)]
-        codes = ((lo >> s) | (hi << (32 - s))) & mask[rows].unsqueeze(1)
-        g = group[rows]
-        out[rows] = (codes.to(torch.float32) - zero[rows].unsqueeze(1)) * sq[g] * smax[g, None]
+    for bits, r0, rows, q0, groups in _width_runs(layout):
+        # Whole blocks per chunk keep the temporaries bounded for any matrix size.
+        block_rows = 32 // math.gcd(bits, 32)
+        step = max(block_rows, _UNPACK_ELEMENTS // out_features // block_rows * block_rows)
+        group_rows = torch.tensor([layout.groups[g][2] for g in groups], device=device)
+        row_group = torch.repeat_interleave(torch.tensor(groups, device=device), group_rows)
+        zero = float(1 << (bits - 1))
+        for c0 in range(0, rows, step):
+            c1 = min(c0 + step, rows)
+            wq0, wq1 = q0 + c0 * bits // 32, q0 + c1 * bits // 32
+            words = q_weight[wq0:wq1, :out_features]
+            codes = _unpack_codes(words, bits).to(torch.float32)
+            out[r0 + c0 : r0 + c1] = (codes - zero) * scale[row_group[c0:c1]]
     return out
 
 
