@@ -183,7 +183,9 @@ def replace_quantized_linears(
             )
         parent, attr = found[0], found[1]
         shapes = index.shapes(prefix)
-        q = QuantLinear.from_shapes(shapes, linear.out_features, name=prefix, device=device)
+        q = QuantLinear.from_shapes(
+            shapes, linear.out_features, name=f"{prefix} ({where})", device=device
+        )
         if q.in_features != linear.in_features:
             raise ModelError(
                 f"{prefix}.q_invperm ({where}): {q.in_features} input rows, but the config "
