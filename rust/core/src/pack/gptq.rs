@@ -14,9 +14,10 @@
 use rayon::prelude::*;
 
 use super::bits::{
-    check_bits, check_block_rows, check_codes, pack_columns_into, pack_row, rows_per_block,
-    unpack_columns_into, unpack_row, GPTQ_BITS,
+    check_bits, check_block_rows, pack_checked, pack_row, rows_per_block, unpack_columns_into,
+    unpack_row, GPTQ_BITS,
 };
+use super::kernels::Isa;
 use super::{check_len, invert_permutation, PackError, Result};
 
 /// Owned GPTQ v1 tensors.
@@ -142,14 +143,15 @@ impl GptqPacked {
         check_len("qzeros", zeros.len(), &[groups, cols])?;
         check_len("scales", scales.len(), &[groups, cols])?;
         check_g_idx(g_idx, groups)?;
-        check_codes("codes", codes, cols, bits, 0)?;
+        let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
+        pack_checked(Isa::detect(), "codes", codes, cols, bits, &mut qweight, 0)?;
         let top = 1u16 << bits;
         if let Some(p) = zeros.iter().position(|&z| z == 0 || z > top) {
             return Err(PackError::OutOfRange {
                 tensor: "qzeros",
                 row: p / cols,
                 col: p % cols,
-                value: i64::from(zeros[p]),
+                value: i128::from(zeros[p]),
                 expected: format!(
                     "a zero point in 1..={top}: GPTQ v1 stores zero − 1 in {bits} bits"
                 ),
@@ -163,8 +165,6 @@ impl GptqPacked {
                 expected: "a finite scale".into(),
             });
         }
-        let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
-        pack_columns_into(codes, cols, bits, &mut qweight);
         let zw = cols * bits as usize / 32;
         let mut qzeros = vec![0i32; groups * zw];
         let mut stored = vec![0u8; cols];
