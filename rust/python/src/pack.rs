@@ -392,10 +392,22 @@ fn exl2_dequantize<'py>(
     cols: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let t = exl2_inputs(&q_weight, &q_scale, &q_scale_max, &q_groups, &q_invperm)?;
-    let w = py.detach(|| t.view().dequantize(cols)).map_err(to_py)?;
-    let k = t.q_invperm.len();
-    let n = w.len() / k.max(1);
-    Ok(array2(py, w, k, n))
+    // A NumPy-allocated output (huge pages for large arrays) filled in place; a `cols` above
+    // the padded width is rejected by the core, so it never sizes the allocation.
+    let (k, n) = (
+        t.q_invperm.len(),
+        cols.unwrap_or(t.cols_padded).min(t.cols_padded),
+    );
+    let out = PyArray2::<f32>::zeros(py, [k, n], false);
+    {
+        let mut rw = out.readwrite();
+        let dst = rw
+            .as_slice_mut()
+            .expect("a fresh C-ordered array is contiguous");
+        py.detach(|| t.view().dequantize_into(cols, dst))
+            .map_err(to_py)?;
+    }
+    Ok(out)
 }
 
 /// `g_idx` for `rows` inputs, group size (None = one group) and optional act-order `perm`.
@@ -521,8 +533,15 @@ fn gptq_dequantize<'py>(
         "an int32 group index",
     )?;
     let v = gptq_view(bits, &qw, &qz, &scales, &s, &g);
-    let w = py.detach(|| v.dequantize()).map_err(to_py)?;
-    Ok(array2(py, w, g.len(), v.cols))
+    let out = PyArray2::<f32>::zeros(py, [g.len(), v.cols], false);
+    {
+        let mut rw = out.readwrite();
+        let dst = rw
+            .as_slice_mut()
+            .expect("a fresh C-ordered array is contiguous");
+        py.detach(|| v.dequantize_into(dst)).map_err(to_py)?;
+    }
+    Ok(out)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

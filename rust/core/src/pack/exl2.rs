@@ -278,8 +278,17 @@ impl Exl2Tensors<'_> {
 
     /// Rebuilds the float matrix `[K, cols]` in the original input-row order.
     pub fn dequantize(&self, cols: Option<usize>) -> Result<Vec<f32>> {
+        let keep = self.keep_cols(cols)?;
+        let mut w = vec![0f32; self.q_invperm.len() * keep];
+        self.dequantize_into(cols, &mut w)?;
+        Ok(w)
+    }
+
+    /// [`Self::dequantize`] into a caller-provided `out` of `[K, cols]` (e.g. a NumPy array).
+    pub fn dequantize_into(&self, cols: Option<usize>, out: &mut [f32]) -> Result<()> {
         let (layout, _) = self.validate()?;
         let keep = self.keep_cols(cols)?;
+        check_len("out", out.len(), &[layout.rows(), keep])?;
         let np = self.cols_padded;
         let starts = layout.starts();
 
@@ -301,8 +310,7 @@ impl Exl2Tensors<'_> {
 
         // One pass over the output: input row k is storage row q_invperm[k], whose codes are
         // pulled straight out of q_weight with one shift pair for the whole row.
-        let mut w = vec![0f32; layout.rows() * keep];
-        w.par_chunks_exact_mut(keep)
+        out.par_chunks_exact_mut(keep)
             .zip(self.q_invperm.par_iter())
             .for_each(|(dst, &i)| {
                 let i = i as usize;
@@ -330,6 +338,6 @@ impl Exl2Tensors<'_> {
                     }
                 }
             });
-        Ok(w)
+        Ok(())
     }
 }

@@ -250,19 +250,42 @@ impl GptqTensors<'_> {
 
     /// `[K, N]` float weights in the original row order.
     pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut w = vec![0f32; self.g_idx.len() * self.cols];
+        self.dequantize_into(&mut w)?;
+        Ok(w)
+    }
+
+    /// [`Self::dequantize`] into a caller-provided `out` of `[K, N]` (e.g. a NumPy array).
+    /// Each row's codes are shifted straight out of `qweight`: no unpacked code matrix.
+    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
         self.validate()?;
-        let (codes, zeros, n) = (self.codes(), self.zeros(), self.cols);
-        let mut w = vec![0f32; codes.len()];
-        w.par_chunks_exact_mut(n)
-            .zip(codes.par_chunks_exact(n))
+        let n = self.cols;
+        check_len("out", out.len(), &[self.g_idx.len(), n])?;
+        let zeros: Vec<f32> = self.zeros().into_iter().map(f32::from).collect();
+        let b = self.bits as usize;
+        let mask = (1u32 << b) - 1;
+        out.par_chunks_exact_mut(n)
             .zip(self.g_idx.par_iter())
-            .for_each(|((dst, src), &g)| {
+            .enumerate()
+            .for_each(|(k, (dst, &g))| {
                 let g = g as usize;
                 let (z, s) = (&zeros[g * n..(g + 1) * n], &self.scales[g * n..(g + 1) * n]);
-                for (((d, &q), &z), &s) in dst.iter_mut().zip(src).zip(z).zip(s) {
-                    *d = s * (f32::from(q) - f32::from(z));
+                let (word, shift) = ((k * b) / 32, ((k * b) % 32) as u32);
+                let lo = &self.qweight[word * n..(word + 1) * n];
+                if shift as usize + b <= 32 {
+                    for (((d, &x), &z), &s) in dst.iter_mut().zip(lo).zip(z).zip(s) {
+                        let q = ((x as u32) >> shift) & mask;
+                        *d = s * (q as f32 - z);
+                    }
+                } else {
+                    // A 3-bit code straddling two words.
+                    let hi = &self.qweight[(word + 1) * n..(word + 2) * n];
+                    for ((((d, &x), &y), &z), &s) in dst.iter_mut().zip(lo).zip(hi).zip(z).zip(s) {
+                        let q = (((x as u32) >> shift) | ((y as u32) << (32 - shift))) & mask;
+                        *d = s * (q as f32 - z);
+                    }
                 }
             });
-        Ok(w)
+        Ok(())
     }
 }

@@ -106,6 +106,24 @@ const fn shape(bits: usize) -> (usize, usize) {
 
 type Bytes = [u8; LANES];
 
+/// How far ahead along a row the kernels prefetch, in elements. A 32-row block reads (pack)
+/// or writes (unpack) 32 rows a multiple of 4 KiB apart at once, more streams than the
+/// hardware prefetchers follow; an explicit hint per row keeps them in flight (worth 10–30%
+/// for 3/4/6/8 bits in a same-process A/B on CPU time).
+const PREFETCH: usize = 4 * LANES;
+
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint that never faults, whatever the address; SSE is part of
+    // the x86-64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Packs whole blocks of `B`-bit codes (`[k·R, cols]`) into `out` (`[k·W, cols]`); returns the
 /// OR of every code read.
 #[inline(always)]
@@ -124,6 +142,7 @@ fn pack_blocks<T: Code, const B: usize>(codes: &[T], cols: usize, out: &mut [i32
             for grp in 0..4 {
                 for i in 0..g {
                     let row = grp * g + i;
+                    prefetch(blk.as_ptr().wrapping_add(row * cols + c0 + PREFETCH));
                     let src: &[T; LANES] = blk[row * cols + c0..row * cols + c0 + LANES]
                         .try_into()
                         .expect("tile");
@@ -210,6 +229,7 @@ fn unpack_blocks<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {
                     let row = grp * g + i;
                     let bit = i * B;
                     let (k, s) = (grp * w + bit / 8, (bit % 8) as u32);
+                    prefetch(dst.as_ptr().wrapping_add(row * cols + c0 + PREFETCH));
                     let d: &mut Bytes = (&mut dst[row * cols + c0..row * cols + c0 + LANES])
                         .try_into()
                         .expect("tile");
