@@ -186,3 +186,66 @@ def test_errors_name_tensor_and_value() -> None:
     with pytest.raises(PackError, match=r"q_groups\[0\] = 7"):
         bad.dequantize()
     assert issubclass(PackError, Exl2Error) and issubclass(PackError, Exception)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64])
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_columns_any_integer_dtype(dtype: type[np.integer], bits: int) -> None:
+    """Codes are read in their own dtype; 70 columns = one 64-column tile + a scalar tail."""
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, (2 * RPB[bits], 70)).astype(dtype)
+    packed = pk.pack_columns(codes, bits)
+    np.testing.assert_array_equal(packed, ref_pack(codes, bits))
+    np.testing.assert_array_equal(pk.unpack_columns(packed, bits), codes)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
+    blocks=st.integers(1, 3),
+    cols=st.integers(1, 150),
+    dtype=st.sampled_from([np.uint8, np.int16, np.int32, np.int64]),
+    data=st.data(),
+)
+def test_range_check_names_first_bad_code(
+    bits: int, blocks: int, cols: int, dtype: type[np.integer], data: st.DataObject
+) -> None:
+    """The range check runs inside the packer; it must still report the first bad code."""
+    rows = blocks * RPB[bits]
+    codes = np.zeros((rows, cols), dtype=dtype)
+    signed = np.issubdtype(dtype, np.signedinteger)
+    bad = [] if dtype == np.uint8 and bits == 8 else [2**bits]
+    bad += [-1] if signed else []
+    if not bad:
+        return  # every uint8 value is a valid 8-bit code
+    for _ in range(data.draw(st.integers(1, 3))):
+        r, c = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, cols - 1))
+        codes[r, c] = data.draw(st.sampled_from(bad))
+    r, c = (int(x[0]) for x in np.nonzero((codes < 0) | (codes >= 2**bits)))
+    with pytest.raises(PackError, match=rf"^codes\[{r}, {c}\] = {codes[r, c]} is out of range"):
+        pk.pack_columns(codes, bits)
+
+
+def test_wide_values_are_not_truncated() -> None:
+    codes = np.ones((8, 3), dtype=np.int64)
+    codes[7, 2] = 256 + 1  # the low byte alone would be a valid code
+    with pytest.raises(PackError, match=r"codes\[7, 2\] = 257"):
+        pk.pack_columns(codes, 4)
+    big = np.full((8, 1), np.iinfo(np.uint64).max, dtype=np.uint64)
+    with pytest.raises(PackError, match=rf"codes\[0, 0\] = {np.iinfo(np.uint64).max}"):
+        pk.pack_columns(big, 4)
+
+
+def test_gptq_dequantize_3bit_straddling_rows() -> None:
+    """GPTQ dequantization reads codes straight from qweight, including 3-bit codes split
+    across two words (rows 10, 21 of each 32-row block)."""
+    rng = np.random.default_rng(3)
+    rows, cols = 64, 32  # 3-bit GPTQ zero points pack 32 columns per block
+    codes = rng.integers(0, 8, (rows, cols))
+    zeros = rng.integers(1, 9, (2, cols))
+    scales = rng.uniform(-0.1, 0.1, (2, cols)).astype(np.float32)
+    g_idx = pk.gptq_g_idx(rows, 32)
+    t = pk.pack_gptq(codes, zeros, scales, g_idx, 3)
+    s = t.scales.astype(np.float32)[g_idx]
+    want = s * (codes.astype(np.float32) - zeros[g_idx].astype(np.float32))
+    np.testing.assert_array_equal(t.dequantize(), want)

@@ -76,7 +76,10 @@ def _i32(x: ArrayLike, name: str, ndim: int) -> npt.NDArray[np.int32]:
 
 
 def pack_columns(codes: ArrayLike, bits: int) -> npt.NDArray[np.int32]:
-    """Packs ``[rows, cols]`` codes along the rows (LSB first) into ``[rows*bits/32, cols]``."""
+    """Packs ``[rows, cols]`` codes along the rows (LSB first) into ``[rows*bits/32, cols]``.
+
+    Codes of any integer dtype are read in place (no conversion copy); the range check runs
+    inside the packing kernel and names the first code outside ``0..2**bits - 1``."""
     return _core.pack_columns(_np(codes, "codes", 2, "i"), bits)
 
 

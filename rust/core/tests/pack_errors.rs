@@ -152,3 +152,19 @@ fn gptq_zero_points_and_g_idx() {
     ));
     assert!(m.contains("qzeros") && m.contains("multiple of 32"), "{m}");
 }
+
+#[test]
+fn dequantize_into_checks_the_output() {
+    let layout = GroupLayout::new([(4, 8)]).unwrap();
+    let t = Exl2Packed::pack(&layout, &[0; 8], 1, &[1], &[1.0], None).unwrap();
+    let mut out = vec![0f32; 8 * 32 - 1];
+    let m = msg(t.view().dequantize_into(None, &mut out));
+    assert!(m.starts_with("out: shape") && m.contains("[8, 32]"), "{m}");
+    let g = GptqPacked::pack(4, &[0; 64], 8, 8, &[8; 8], &[1.0; 8], &[0; 8]).unwrap();
+    let mut out = vec![0f32; 65];
+    let m = msg(g.view().dequantize_into(&mut out));
+    assert!(m.starts_with("out: shape") && m.contains("[8, 8]"), "{m}");
+    let mut out = vec![0f32; 64];
+    g.view().dequantize_into(&mut out).unwrap();
+    assert_eq!(out, vec![-8.0; 64]);
+}

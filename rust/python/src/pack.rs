@@ -148,8 +148,10 @@ fn array1<T: Element>(py: Python<'_>, v: Vec<T>) -> Bound<'_, PyArray1<T>> {
 }
 
 /// Packs `[rows, cols]` codes along the rows into `[rows·bits/32, cols]` int32 words.
-/// The output is allocated by NumPy, which advises huge pages for large arrays: on Linux that
-/// cuts the first-touch page faults that otherwise dominate a fresh 8192² result.
+/// Codes of any integer dtype are read in place (no conversion pass; non-contiguous arrays
+/// are copied once) and range-checked inside the packer. The output is allocated by NumPy
+/// (which advises huge pages for large arrays, cutting first-touch page faults) and written
+/// directly by the kernel with the GIL released.
 #[pyfunction]
 fn pack_columns<'py>(
     py: Python<'py>,
@@ -157,16 +159,34 @@ fn pack_columns<'py>(
     bits: u32,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
     let (rows, cols) = dims2(&codes);
-    let c = codes_u8(&codes, "codes")?;
-    let qrows = rows * bits as usize / 32;
+    let qrows = if matches!(bits, 2..=8) {
+        rows * bits as usize / 32
+    } else {
+        0
+    };
     let out = PyArray2::<i32>::zeros(py, [qrows, cols], false);
     {
         let mut rw = out.readwrite();
         let dst = rw
             .as_slice_mut()
             .expect("a fresh C-ordered array is contiguous");
-        py.detach(|| core::pack_columns_to(&c, rows, cols, bits, dst))
-            .map_err(to_py)?;
+        macro_rules! pack {
+            ($a:expr) => {{
+                let c = elems($a);
+                py.detach(|| core::pack_columns_to(&c, rows, cols, bits, dst))
+            }};
+        }
+        let res = match &codes {
+            IntArray2::U8(a) => pack!(a),
+            IntArray2::I8(a) => pack!(a),
+            IntArray2::I16(a) => pack!(a),
+            IntArray2::U16(a) => pack!(a),
+            IntArray2::I32(a) => pack!(a),
+            IntArray2::U32(a) => pack!(a),
+            IntArray2::I64(a) => pack!(a),
+            IntArray2::U64(a) => pack!(a),
+        };
+        res.map_err(to_py)?;
     }
     Ok(out)
 }
@@ -372,10 +392,22 @@ fn exl2_dequantize<'py>(
     cols: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let t = exl2_inputs(&q_weight, &q_scale, &q_scale_max, &q_groups, &q_invperm)?;
-    let w = py.detach(|| t.view().dequantize(cols)).map_err(to_py)?;
-    let k = t.q_invperm.len();
-    let n = w.len() / k.max(1);
-    Ok(array2(py, w, k, n))
+    // A NumPy-allocated output (huge pages for large arrays) filled in place; a `cols` above
+    // the padded width is rejected by the core, so it never sizes the allocation.
+    let (k, n) = (
+        t.q_invperm.len(),
+        cols.unwrap_or(t.cols_padded).min(t.cols_padded),
+    );
+    let out = PyArray2::<f32>::zeros(py, [k, n], false);
+    {
+        let mut rw = out.readwrite();
+        let dst = rw
+            .as_slice_mut()
+            .expect("a fresh C-ordered array is contiguous");
+        py.detach(|| t.view().dequantize_into(cols, dst))
+            .map_err(to_py)?;
+    }
+    Ok(out)
 }
 
 /// `g_idx` for `rows` inputs, group size (None = one group) and optional act-order `perm`.
@@ -501,8 +533,15 @@ fn gptq_dequantize<'py>(
         "an int32 group index",
     )?;
     let v = gptq_view(bits, &qw, &qz, &scales, &s, &g);
-    let w = py.detach(|| v.dequantize()).map_err(to_py)?;
-    Ok(array2(py, w, g.len(), v.cols))
+    let out = PyArray2::<f32>::zeros(py, [g.len(), v.cols], false);
+    {
+        let mut rw = out.readwrite();
+        let dst = rw
+            .as_slice_mut()
+            .expect("a fresh C-ordered array is contiguous");
+        py.detach(|| v.dequantize_into(dst)).map_err(to_py)?;
+    }
+    Ok(out)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

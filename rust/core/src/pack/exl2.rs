@@ -14,7 +14,8 @@
 //! stored scale. This crate keeps `q_scale_max` as f32; the export casts it to fp16.
 use rayon::prelude::*;
 
-use super::bits::{check_codes, pack_columns_into, pack_row, unpack_columns_into, unpack_row};
+use super::bits::{pack_checked, pack_row, unpack_columns_into, unpack_row};
+use super::kernels::Isa;
 use super::layout::GroupLayout;
 use super::{check_len, invert_permutation, PackError, Result};
 
@@ -101,7 +102,7 @@ impl Exl2Packed {
                 tensor: "q_scale",
                 row: pos / cols,
                 col: pos % cols,
-                value: i64::from(scales[pos]),
+                value: i128::from(scales[pos]),
                 expected: "a 4-bit scale in 1..=16 (stored as value − 1)".into(),
             });
         }
@@ -124,14 +125,10 @@ impl Exl2Packed {
             None => (0..rows as i32).collect(),
         };
         let starts = layout.starts();
-        for (grp, &(r0, _)) in layout.groups().iter().zip(&starts) {
-            let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
-            check_codes("codes", part, cols, u32::from(grp.bits), r0)?;
-        }
-
         let np = padded(cols);
         let mut q_weight = vec![0i32; layout.qrows() * np];
-        // Group slices of the output are disjoint: pack them in parallel.
+        // Group slices of the output are disjoint: pack them in parallel. Each checks its own
+        // code range while packing; the first failing group (in row order) is reported.
         let mut outs: Vec<&mut [i32]> = Vec::with_capacity(g);
         let mut rest = q_weight.as_mut_slice();
         for grp in layout.groups() {
@@ -139,21 +136,28 @@ impl Exl2Packed {
             outs.push(head);
             rest = tail;
         }
-        outs.into_par_iter()
+        let isa = Isa::detect();
+        let results: Vec<Result<()>> = outs
+            .into_par_iter()
             .zip(layout.groups().par_iter().zip(&starts))
-            .for_each(|(out, (grp, &(r0, _)))| {
+            .map(|(out, (grp, &(r0, _)))| {
                 let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
+                let bits = u32::from(grp.bits);
                 if np == cols {
-                    pack_columns_into(part, cols, u32::from(grp.bits), out);
+                    pack_checked(isa, "codes", part, cols, bits, out, r0)
                 } else {
+                    // Padded columns hold the zero code; the column index of a bad code is
+                    // unchanged by the padding at the end of each row.
                     let zero = 1u8 << (grp.bits - 1);
                     let mut buf = vec![zero; grp.rows * np];
                     for (dst, src) in buf.chunks_exact_mut(np).zip(part.chunks_exact(cols)) {
                         dst[..cols].copy_from_slice(src);
                     }
-                    pack_columns_into(&buf, np, u32::from(grp.bits), out);
+                    pack_checked(isa, "codes", &buf, np, bits, out, r0)
                 }
-            });
+            })
+            .collect();
+        results.into_iter().collect::<Result<()>>()?;
 
         let mut q_scale = vec![0i32; g * np / 8];
         let mut stored = vec![0u8; np]; // padded columns store 0 (scale 1): their codes are zero
@@ -274,8 +278,17 @@ impl Exl2Tensors<'_> {
 
     /// Rebuilds the float matrix `[K, cols]` in the original input-row order.
     pub fn dequantize(&self, cols: Option<usize>) -> Result<Vec<f32>> {
+        let keep = self.keep_cols(cols)?;
+        let mut w = vec![0f32; self.q_invperm.len() * keep];
+        self.dequantize_into(cols, &mut w)?;
+        Ok(w)
+    }
+
+    /// [`Self::dequantize`] into a caller-provided `out` of `[K, cols]` (e.g. a NumPy array).
+    pub fn dequantize_into(&self, cols: Option<usize>, out: &mut [f32]) -> Result<()> {
         let (layout, _) = self.validate()?;
         let keep = self.keep_cols(cols)?;
+        check_len("out", out.len(), &[layout.rows(), keep])?;
         let np = self.cols_padded;
         let starts = layout.starts();
 
@@ -297,8 +310,7 @@ impl Exl2Tensors<'_> {
 
         // One pass over the output: input row k is storage row q_invperm[k], whose codes are
         // pulled straight out of q_weight with one shift pair for the whole row.
-        let mut w = vec![0f32; layout.rows() * keep];
-        w.par_chunks_exact_mut(keep)
+        out.par_chunks_exact_mut(keep)
             .zip(self.q_invperm.par_iter())
             .for_each(|(dst, &i)| {
                 let i = i as usize;
@@ -326,6 +338,6 @@ impl Exl2Tensors<'_> {
                     }
                 }
             });
-        Ok(w)
+        Ok(())
     }
 }

@@ -14,9 +14,10 @@
 use rayon::prelude::*;
 
 use super::bits::{
-    check_bits, check_block_rows, check_codes, pack_columns_into, pack_row, rows_per_block,
-    unpack_columns_into, unpack_row, GPTQ_BITS,
+    check_bits, check_block_rows, pack_checked, pack_row, rows_per_block, unpack_columns_into,
+    unpack_row, GPTQ_BITS,
 };
+use super::kernels::Isa;
 use super::{check_len, invert_permutation, PackError, Result};
 
 /// Owned GPTQ v1 tensors.
@@ -142,14 +143,15 @@ impl GptqPacked {
         check_len("qzeros", zeros.len(), &[groups, cols])?;
         check_len("scales", scales.len(), &[groups, cols])?;
         check_g_idx(g_idx, groups)?;
-        check_codes("codes", codes, cols, bits, 0)?;
+        let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
+        pack_checked(Isa::detect(), "codes", codes, cols, bits, &mut qweight, 0)?;
         let top = 1u16 << bits;
         if let Some(p) = zeros.iter().position(|&z| z == 0 || z > top) {
             return Err(PackError::OutOfRange {
                 tensor: "qzeros",
                 row: p / cols,
                 col: p % cols,
-                value: i64::from(zeros[p]),
+                value: i128::from(zeros[p]),
                 expected: format!(
                     "a zero point in 1..={top}: GPTQ v1 stores zero − 1 in {bits} bits"
                 ),
@@ -163,8 +165,6 @@ impl GptqPacked {
                 expected: "a finite scale".into(),
             });
         }
-        let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
-        pack_columns_into(codes, cols, bits, &mut qweight);
         let zw = cols * bits as usize / 32;
         let mut qzeros = vec![0i32; groups * zw];
         let mut stored = vec![0u8; cols];
@@ -250,19 +250,42 @@ impl GptqTensors<'_> {
 
     /// `[K, N]` float weights in the original row order.
     pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let mut w = vec![0f32; self.g_idx.len() * self.cols];
+        self.dequantize_into(&mut w)?;
+        Ok(w)
+    }
+
+    /// [`Self::dequantize`] into a caller-provided `out` of `[K, N]` (e.g. a NumPy array).
+    /// Each row's codes are shifted straight out of `qweight`: no unpacked code matrix.
+    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
         self.validate()?;
-        let (codes, zeros, n) = (self.codes(), self.zeros(), self.cols);
-        let mut w = vec![0f32; codes.len()];
-        w.par_chunks_exact_mut(n)
-            .zip(codes.par_chunks_exact(n))
+        let n = self.cols;
+        check_len("out", out.len(), &[self.g_idx.len(), n])?;
+        let zeros: Vec<f32> = self.zeros().into_iter().map(f32::from).collect();
+        let b = self.bits as usize;
+        let mask = (1u32 << b) - 1;
+        out.par_chunks_exact_mut(n)
             .zip(self.g_idx.par_iter())
-            .for_each(|((dst, src), &g)| {
+            .enumerate()
+            .for_each(|(k, (dst, &g))| {
                 let g = g as usize;
                 let (z, s) = (&zeros[g * n..(g + 1) * n], &self.scales[g * n..(g + 1) * n]);
-                for (((d, &q), &z), &s) in dst.iter_mut().zip(src).zip(z).zip(s) {
-                    *d = s * (f32::from(q) - f32::from(z));
+                let (word, shift) = ((k * b) / 32, ((k * b) % 32) as u32);
+                let lo = &self.qweight[word * n..(word + 1) * n];
+                if shift as usize + b <= 32 {
+                    for (((d, &x), &z), &s) in dst.iter_mut().zip(lo).zip(z).zip(s) {
+                        let q = ((x as u32) >> shift) & mask;
+                        *d = s * (q as f32 - z);
+                    }
+                } else {
+                    // A 3-bit code straddling two words.
+                    let hi = &self.qweight[(word + 1) * n..(word + 2) * n];
+                    for ((((d, &x), &y), &z), &s) in dst.iter_mut().zip(lo).zip(hi).zip(z).zip(s) {
+                        let q = (((x as u32) >> shift) | ((y as u32) << (32 - shift))) & mask;
+                        *d = s * (q as f32 - z);
+                    }
                 }
             });
-        Ok(w)
+        Ok(())
     }
 }

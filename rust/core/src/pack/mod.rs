@@ -13,14 +13,16 @@ use thiserror::Error;
 pub mod bits;
 pub mod exl2;
 pub mod gptq;
+pub mod kernels;
 pub mod layout;
 
 pub use bits::{
-    pack_columns, pack_columns_into, pack_columns_to, rows_per_block, unpack_columns,
-    unpack_columns_to, EXL2_BITS, GPTQ_BITS,
+    pack_columns, pack_columns_into, pack_columns_to, pack_columns_with, rows_per_block,
+    unpack_columns, unpack_columns_to, unpack_columns_with, EXL2_BITS, GPTQ_BITS,
 };
 pub use exl2::{Exl2Packed, Exl2Tensors, Exl2Unpacked};
 pub use gptq::{g_idx as gptq_g_idx, GptqPacked, GptqTensors, GptqUnpacked};
+pub use kernels::{Code, Isa};
 pub use layout::{GroupLayout, LayoutGroup};
 
 /// Everything that can be wrong with packing input. Messages name the tensor, the offending
@@ -44,7 +46,7 @@ pub enum PackError {
         tensor: &'static str,
         row: usize,
         col: usize,
-        value: i64,
+        value: i128,
         expected: String,
     },
     #[error("{tensor}[{index}] = {value} is invalid: expected {expected}")]

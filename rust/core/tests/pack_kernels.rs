@@ -1,0 +1,187 @@
+//! The per-width kernels against a bit-by-bit reference, on every instruction set this CPU
+//! has (the portable fallback always, AVX2 where detected), for every code integer type,
+//! with column counts off the tile width and several parallel tasks; and the fused range
+//! check, which must name the first bad code wherever it sits (tile body or scalar tail).
+use exl2rs_core::pack::{
+    pack_columns_with, rows_per_block, unpack_columns_with, Code, Isa, PackError, EXL2_BITS,
+};
+use proptest::prelude::*;
+
+/// Bit j of code i of column n goes to bit (i·b + j) of the column's stream.
+fn reference_pack(codes: &[u8], rows: usize, cols: usize, bits: usize) -> Vec<i32> {
+    let mut out = vec![0u32; rows * bits / 32 * cols];
+    for r in 0..rows {
+        for n in 0..cols {
+            for j in 0..bits {
+                if (codes[r * cols + n] >> j) & 1 == 1 {
+                    let bit = r * bits + j;
+                    out[(bit / 32) * cols + n] |= 1 << (bit % 32);
+                }
+            }
+        }
+    }
+    out.into_iter().map(|x| x as i32).collect()
+}
+
+fn isas() -> Vec<Isa> {
+    [Isa::Portable, Isa::Avx2]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect()
+}
+
+fn pack_as<T: Code>(
+    isa: Isa,
+    codes: &[T],
+    rows: usize,
+    cols: usize,
+    bits: u32,
+) -> Result<Vec<i32>, PackError> {
+    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
+    pack_columns_with(isa, codes, rows, cols, bits, &mut out)?;
+    Ok(out)
+}
+
+/// Packs `codes` converted to each integer type on every ISA; all must equal `want`.
+fn check_all(codes: &[u8], rows: usize, cols: usize, bits: u32, want: &[i32]) {
+    for isa in isas() {
+        let as_i16: Vec<i16> = codes.iter().map(|&c| i16::from(c)).collect();
+        let as_i32: Vec<i32> = codes.iter().map(|&c| i32::from(c)).collect();
+        let as_i64: Vec<i64> = codes.iter().map(|&c| i64::from(c)).collect();
+        let as_i8: Vec<i8> = codes.iter().map(|&c| c as i8).collect();
+        assert_eq!(
+            pack_as(isa, codes, rows, cols, bits).unwrap(),
+            want,
+            "{isa:?} u8"
+        );
+        assert_eq!(
+            pack_as(isa, &as_i16, rows, cols, bits).unwrap(),
+            want,
+            "{isa:?} i16"
+        );
+        assert_eq!(
+            pack_as(isa, &as_i32, rows, cols, bits).unwrap(),
+            want,
+            "{isa:?} i32"
+        );
+        assert_eq!(
+            pack_as(isa, &as_i64, rows, cols, bits).unwrap(),
+            want,
+            "{isa:?} i64"
+        );
+        if bits < 8 {
+            // 8-bit codes above 127 do not fit int8 (they would be negative, hence rejected).
+            assert_eq!(
+                pack_as(isa, &as_i8, rows, cols, bits).unwrap(),
+                want,
+                "{isa:?} i8"
+            );
+        }
+        let mut back = vec![0xAAu8; codes.len()];
+        unpack_columns_with(isa, want, want.len() / cols, cols, bits, &mut back).unwrap();
+        assert_eq!(back, codes, "{isa:?} unpack");
+    }
+}
+
+fn lcg_codes(n: usize, bits: u32, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as u32 & ((1 << bits) - 1)) as u8
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Random widths, block counts and column counts (below, at and across the 64-column
+    /// tile, never a multiple of 8 on purpose half of the time).
+    #[test]
+    fn kernels_match_reference(
+        bits in prop::sample::select(EXL2_BITS.to_vec()),
+        blocks in 1usize..6,
+        cols in prop_oneof![1usize..8, 60usize..70, 120usize..200],
+        seed in any::<u64>(),
+    ) {
+        let rows = blocks * rows_per_block(bits);
+        let codes = lcg_codes(rows * cols, bits, seed);
+        let want = reference_pack(&codes, rows, cols, bits as usize);
+        check_all(&codes, rows, cols, bits, &want);
+    }
+
+    /// One bad code anywhere: every ISA reports that code (the first one in row-major order).
+    #[test]
+    fn fused_range_check_names_first_bad_code(
+        bits in prop::sample::select(EXL2_BITS.to_vec()),
+        blocks in 1usize..4,
+        cols in prop_oneof![1usize..8, 60usize..140],
+        pos_frac in 0.0f64..1.0,
+        negative in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let rows = blocks * rows_per_block(bits);
+        let mut codes: Vec<i32> =
+            lcg_codes(rows * cols, bits, seed).into_iter().map(i32::from).collect();
+        let pos = ((rows * cols) as f64 * pos_frac) as usize % (rows * cols);
+        let bad = if negative { -3 } else { 1 << bits };
+        codes[pos] = bad;
+        for isa in isas() {
+            let err = pack_as(isa, &codes, rows, cols, bits).unwrap_err();
+            let want = format!(
+                "codes[{}, {}] = {bad} is out of range: expected a {bits}-bit code in 0..={}",
+                pos / cols,
+                pos % cols,
+                (1 << bits) - 1
+            );
+            prop_assert_eq!(err.to_string(), want);
+        }
+    }
+}
+
+/// Wide matrices split into several Rayon tasks, the last one short, with a scalar tail.
+#[test]
+fn wide_matrices_on_every_isa() {
+    for bits in EXL2_BITS {
+        let (rows, cols) = (41 * rows_per_block(bits), 2048 + 37);
+        let codes = lcg_codes(rows * cols, bits, u64::from(bits));
+        let want = reference_pack(&codes, rows, cols, bits as usize);
+        check_all(&codes, rows, cols, bits, &want);
+    }
+}
+
+/// Out-of-range values of wide types are not truncated into range: 256 + c and −256 + c
+/// have valid low bytes but must still be rejected.
+#[test]
+fn wide_values_are_not_truncated() {
+    for isa in isas() {
+        for bad in [256i64 + 1, -256 + 1, i64::MIN, 1 << 40] {
+            let mut codes = vec![1i64; 16 * 70];
+            codes[15 * 70 + 69] = bad; // the last code, in the scalar tail
+            let err = pack_as(isa, &codes, 16, 70, 4).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("codes[15, 69] = {bad} ")), "{err}");
+        }
+        let codes = vec![u64::MAX; 8];
+        let err = pack_as(isa, &codes, 8, 1, 4).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("codes[0, 0] = {} ", u64::MAX)),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn isa_detection_is_consistent() {
+    assert!(Isa::Portable.available());
+    assert!(Isa::detect().available());
+    if Isa::Avx2.available() {
+        assert_eq!(Isa::detect(), Isa::Avx2);
+    } else {
+        let mut out = vec![0i32; 1];
+        let err = pack_columns_with(Isa::Avx2, &[0u8; 8], 8, 1, 4, &mut out).unwrap_err();
+        assert!(err.to_string().contains("isa"), "{err}");
+    }
+}
