@@ -122,3 +122,10 @@ def test_measurement_is_reused_when_inputs_match(
     path, seconds, reused = demo.shared_measurement(model, out, demo.QUICK, progress=False)
     assert reused and path == out / "measurement.exl2rs.json"
     assert seconds == doc["rows"][1]["measure_s"]
+
+
+def test_fresh_refuses_to_delete_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(Exl2Error, match="does not look like a demo output"):
+        demo.run_demo(tmp_path, demo.QUICK, fresh=True, progress=False, log=lambda _s: None)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"

@@ -184,7 +184,8 @@ def shared_measurement(
     ``measurement.json``) unless a file measured from the same model, calibration tokens and
     candidates is already there. Returns (path, measuring seconds, reused)."""
     from exl2rs._core import Measurement
-    from exl2rs.measure import _tokens_hash, default_candidates, measure, model_hash
+    from exl2rs.calibration import calibration_hash
+    from exl2rs.measure import default_candidates, measure, model_hash
 
     out.mkdir(parents=True, exist_ok=True)
     native = out / "measurement.exl2rs.json"
@@ -195,7 +196,7 @@ def shared_measurement(
         m = Measurement.load(native)
         if (
             m.model_hash == model_hash(model)
-            and m.calibration_hash == _tokens_hash(tokens)
+            and m.calibration_hash == calibration_hash(tokens)
             and m.candidates_hash == default_candidates(overrides).digest()
         ):
             return native, float(json.loads(sidecar.read_text())["seconds"]), True
@@ -506,6 +507,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """The whole demo; returns the JSON document it writes to ``out/demo.json``."""
     if fresh and out.exists():
+        marks = ("demo.json", "measurement.exl2rs.json", "measurement.exl2rs.json.job", "models")
+        if any(out.iterdir()) and not any((out / m).exists() for m in marks):
+            raise Exl2Error(f"--fresh: {out} does not look like a demo output; not deleting it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     saved_threads = torch.get_num_threads()
