@@ -340,3 +340,21 @@ def test_error_inside_a_quantization_task_names_the_linear(
 def test_workers_must_be_positive(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers must be positive, got 0"):
         _run(tiny_llama_dir, tmp_path / "m.json", workers=0)
+
+
+@pytest.mark.parametrize("key", ["0.q_proj", "12.down_proj"])
+def test_bracketed_scale_search_matches_exhaustive_on_smollm2(
+    smollm2_hessians: dict[str, Any], key: str, one_thread: Any
+) -> None:
+    """The default search (17 of the 97 grid points) against all 97 on the same loss."""
+    w, hess = smollm2_hessians[key]
+    prepared = gptq.prepare(hess)
+    configs = qparams.candidates(key.split(".")[1])[::3]
+    fast = gptq.quantize_many(w, prepared, configs, scale_search="hessian")
+    full = gptq.quantize_many(w, prepared, configs, scale_search="hessian_full")
+    rtn = gptq.quantize_many(w, prepared, configs, scale_search="hessian", error_feedback=False)
+    ratios = [a.err / b.err for a, b in zip(fast, full, strict=True)]
+    for q, a, r, ratio in zip(configs, fast, rtn, ratios, strict=True):
+        assert a.err < r.err, q.desc
+        assert ratio <= 1.01, (q.desc, ratio)
+    assert sum(ratios) / len(ratios) <= 1.003, ratios
