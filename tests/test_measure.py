@@ -230,7 +230,8 @@ def test_cli_round_trip(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> No
     out = tmp_path / "cli.json"
     args = parser.parse_args(
         ["-i", str(tiny_llama_dir), "-o", str(out), "-c", str(tok_file), "-mr", "2", "-ml", "32"]
-        + ["--device", "cpu", "--no-progress", "--threads", "1", "-om", str(tmp_path / "ex.json")]
+        + ["--device", "cpu", "--no-progress", "--threads", "1", "--workers", "1"]
+        + ["-om", str(tmp_path / "ex.json")]
     )
     threads = torch.get_num_threads()
     assert measure.run(args) == 0
