@@ -31,6 +31,7 @@ def _tokens(seed: int = 0) -> torch.Tensor:
 
 def _run(model: Path, out: Path, **kw: Any) -> Path:
     kw.setdefault("calibration", _tokens())
+    kw.setdefault("workers", 1)  # worker processes cost an import each; one test uses them
     return measure.measure(model, out, device="cpu", progress=False, threads=1, **kw)
 
 
@@ -132,12 +133,15 @@ _KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
     toks = torch.load(sys.argv[3])
     measure.measure(sys.argv[1], sys.argv[2], calibration=toks, device="cpu", progress=False,
-                    threads=1, on_layer_done=kill)
+                    threads=1, workers=2, on_layer_done=kill)
     """
 )
 
 
 def test_resume_after_sigkill_is_byte_identical(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Killed while its 2 worker processes run (they must exit with it: ``subprocess.run``
+    returns only once they close the captured pipes), resumed with 2 workers: the file equals
+    the uninterrupted sequential (``workers=1``) one byte for byte."""
     clean = _run(tiny_llama_dir, tmp_path / "clean.json")
     toks = tmp_path / "toks.pt"
     torch.save(_tokens(), toks)
@@ -151,7 +155,7 @@ def test_resume_after_sigkill_is_byte_identical(tiny_llama_dir: Path, tmp_path: 
     job = json.loads((tmp_path / "resumed.json.job" / "job.json").read_text())
     assert job["next_layer"] == 1 and not out.exists()
     resumed: list[int] = []
-    _run(tiny_llama_dir, out, on_layer_done=resumed.append)
+    _run(tiny_llama_dir, out, on_layer_done=resumed.append, workers=2)
     assert resumed == [1]  # layer 0 came from the checkpoint
     assert out.read_bytes() == clean.read_bytes()
 
@@ -226,7 +230,8 @@ def test_cli_round_trip(tiny_llama_dir: Path, tmp_path: Path, capsys: Any) -> No
     out = tmp_path / "cli.json"
     args = parser.parse_args(
         ["-i", str(tiny_llama_dir), "-o", str(out), "-c", str(tok_file), "-mr", "2", "-ml", "32"]
-        + ["--device", "cpu", "--no-progress", "--threads", "1", "-om", str(tmp_path / "ex.json")]
+        + ["--device", "cpu", "--no-progress", "--threads", "1", "--workers", "1"]
+        + ["-om", str(tmp_path / "ex.json")]
     )
     threads = torch.get_num_threads()
     assert measure.run(args) == 0
@@ -320,3 +325,37 @@ def test_module_tokens_subset_changes_only_module_accuracy(
     assert max(abs(a - b) for a, b in zip(acc_sub, acc_full, strict=True)) < 0.05
     with pytest.raises(ValueError, match="module_tokens must be positive"):
         _run(tiny_llama_dir, tmp_path / "bad.json", module_tokens=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_error_inside_a_quantization_task_names_the_linear(
+    tiny_llama_dir: Path, tmp_path: Path, workers: int
+) -> None:
+    """Raised in a worker process, the error crosses back with its type and message."""
+    small = {"o_proj": qparams.candidates("o_proj")[:2]}
+    with pytest.raises(MeasurementError, match=r"layers\.0\.self_attn\.o_proj: table config"):
+        _run(tiny_llama_dir, tmp_path / "m.json", candidates=small, workers=workers)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_workers_must_be_positive(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="workers must be positive, got 0"):
+        _run(tiny_llama_dir, tmp_path / "m.json", workers=0)
+
+
+@pytest.mark.parametrize("key", ["0.q_proj", "12.down_proj"])
+def test_bracketed_scale_search_matches_exhaustive_on_smollm2(
+    smollm2_hessians: dict[str, Any], key: str, one_thread: Any
+) -> None:
+    """The default search (17 of the 97 grid points) against all 97 on the same loss."""
+    w, hess = smollm2_hessians[key]
+    prepared = gptq.prepare(hess)
+    configs = qparams.candidates(key.split(".")[1])[::3]
+    fast = gptq.quantize_many(w, prepared, configs, scale_search="hessian")
+    full = gptq.quantize_many(w, prepared, configs, scale_search="hessian_full")
+    rtn = gptq.quantize_many(w, prepared, configs, scale_search="hessian", error_feedback=False)
+    ratios = [a.err / b.err for a, b in zip(fast, full, strict=True)]
+    for q, a, r, ratio in zip(configs, fast, rtn, ratios, strict=True):
+        assert a.err < r.err, q.desc
+        assert ratio <= 1.01, (q.desc, ratio)
+    assert sum(ratios) / len(ratios) <= 1.003, ratios

@@ -49,7 +49,9 @@ EXL2_NORM = 3.5
 # Rows per lazy-batch block: rank-1 updates stay inside it, everything else is one matmul.
 LAZY_BLOCK_ROWS = 32
 
-ScaleSearch = Literal["hessian", "exl2"]
+# "hessian" (default): bracketed search on the Hessian-weighted loss; "hessian_full": the same
+# loss over all 97 grid points (the exhaustive reference); "exl2": EXL2's own rule.
+ScaleSearch = Literal["hessian", "hessian_full", "exl2"]
 
 
 class GroupLike(Protocol):
@@ -221,6 +223,13 @@ def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum(dtype=torch.float64))
 
 
+def _weighted_errors(delta: torch.Tensor, hessian: torch.Tensor) -> list[float]:
+    """:func:`weighted_error` of each ``delta[c] : [N, K]``, as one GEMM over all configs."""
+    c, n, k = delta.shape
+    prod = torch.matmul(delta.reshape(c * n, k), hessian).reshape(c, n, k)
+    return [float(v) for v in (prod * delta).sum(dim=(1, 2), dtype=torch.float64)]
+
+
 def _group_scales(
     x: torch.Tensor, bits: int, row_weight: torch.Tensor, mode: ScaleSearch
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +240,8 @@ def _group_scales(
     per group from 97 points in [0.70, 1.20], chosen on the unweighted ``Σ|err|^3.5``.
     ``hessian``: the multiplier is scored by ``Σ_r err_r² / U_rr²`` — the loss GPTQ incurs on row
     ``r`` (Uᵀ U = H⁻¹) — coarse-to-fine over the same grid, then each column's code is refined by
-    ±1 on that loss (columns are independent once ``scale_max`` is fixed).
+    ±1 on that loss (columns are independent once ``scale_max`` is fixed). ``hessian_full``: the
+    same loss over every grid point, then the same refinement (the exhaustive reference).
     """
     maxq = (1 << bits) - 1
     zero = 1 << (bits - 1)
@@ -256,37 +266,49 @@ def _group_scales(
             return d.abs_().pow_(EXL2_NORM).sum(dim=2) * scale.pow(EXL2_NORM)
         return torch.matmul(row_weight, d.square_()) * scale.square()
 
-    def costs(p_idx: torch.Tensor) -> torch.Tensor:
-        """Cost ``[S, len]`` of the multipliers ``grid[p_idx]`` (``p_idx : [S, len]``)."""
+    def costs(p_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cost ``[S, len]`` of the multipliers ``grid[p_idx]`` (``p_idx : [S, len]``), and per
+        column ``[S, len, N]``."""
         out = []
         per = max(1, (1 << 20) // max(1, x[0].numel() * s_count))
         for c0 in range(0, p_idx.shape[1], per):
             sm = _fp16(grid[p_idx[:, c0 : c0 + per]] * smax_t[:, None])  # [S, P]
-            out.append(cost_of(q2 * sm[:, :, None] / 256).sum(dim=2))
-        return torch.cat(out, dim=1)
+            out.append(cost_of(q2 * sm[:, :, None] / 256))
+        col = torch.cat(out, dim=1)
+        return col.sum(dim=2), col
 
-    n_grid = len(P_GRID)
-    if mode == "exl2":
+    def keep(idx: torch.Tensor, cost: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        j = torch.argmin(cost, dim=1, keepdim=True)
+        return idx.gather(1, j), cost.gather(1, j), col.gather(1, j[:, :, None].expand(-1, -1, n))
+
+    n_grid, n = len(P_GRID), x.shape[2]
+    if mode != "hessian":
         idx = torch.arange(n_grid, device=x.device).expand(s_count, n_grid)
+        best, _, best_col = keep(idx, *costs(idx))
+        best_i = best[:, 0]
     else:
-        # Coarse to fine: every 16th point, then a bracket of ±8, ±4, ±2, ±1 around the best.
+        # Coarse to fine: every 16th point, then a bracket of ±8, ±4, ±2, ±1 around the best;
+        # the best's cost (total and per column) is carried, never recomputed.
         idx = torch.arange(0, n_grid, 16, device=x.device).expand(s_count, -1)
-        cost = costs(idx)
-        for step in (8, 4, 2):
-            j = torch.argmin(cost, dim=1, keepdim=True)
-            best, best_cost = idx.gather(1, j), cost.gather(1, j)
+        best, best_cost, best_col = keep(idx, *costs(idx))
+        for step in (8, 4, 2, 1):
             pair = (best + torch.tensor([-step, step], device=x.device)[None, :]).clamp(
                 0, n_grid - 1
             )
-            idx, cost = torch.cat([best, pair], 1), torch.cat([best_cost, costs(pair)], 1)
-        j = torch.argmin(cost, dim=1, keepdim=True)
-        best = idx.gather(1, j)
-        idx = (best + torch.tensor([-1, 0, 1], device=x.device)[None, :]).clamp(0, n_grid - 1)
-    best_i = idx.gather(1, torch.argmin(costs(idx), dim=1, keepdim=True))[:, 0]
+            cost, col = costs(pair)
+            best, best_cost, best_col = keep(
+                torch.cat([best, pair], 1),
+                torch.cat([best_cost, cost], 1),
+                torch.cat([best_col, col], 1),
+            )
+        best_i = best[:, 0]
     smax = _fp16(grid[best_i] * smax_t)  # [S]
-    if mode == "hessian":
+    if mode != "exl2":
+        # Each column's code ±1 on the same loss (the centre is the carried best).
         cands = torch.stack([q16 - 1, q16, q16 + 1], dim=1).clamp(1, 16)  # [S, 3, N]
-        cost = cost_of(cands * cands * smax[:, None, None] / 256)  # [S, 3, N]
+        side = cands[:, 0::2]
+        side_cost = cost_of(side * side * smax[:, None, None] / 256)  # [S, 2, N]
+        cost = torch.stack([side_cost[:, 0], best_col[:, 0], side_cost[:, 1]], dim=1)
         q16 = cands.gather(1, torch.argmin(cost, dim=1, keepdim=True))[:, 0]
     return q16, smax
 
@@ -419,11 +441,15 @@ def quantize_many(
                     rest = block[:, lr + 1 :]
                     rest.baddbmm_(col, e[:, None, :], alpha=-1.0)
         if error_feedback and b1 < k:
-            work[:, b1:].sub_(torch.matmul(u[b0:b1, b1:].T, errs))
+            # In place (beta = 1): no [C, K - b1, N] temporary per block.
+            tail = work[:, b1:]
+            tail.baddbmm_(u[b0:b1, b1:].T.expand(c_count, -1, -1), errs, alpha=-1.0)
 
     results = []
+    w_qs = qweight[:, prepared.invperm].transpose(1, 2).contiguous()  # [C, N, K]
+    errors = _weighted_errors(w32 - w_qs, prepared.hessian)
     for ci, lay in enumerate(layouts):
-        w_q = qweight[ci][prepared.invperm].T.contiguous()
+        w_q = w_qs[ci]
         results.append(
             QuantResult(
                 name=name,
@@ -435,7 +461,7 @@ def quantize_many(
                 perm=prepared.perm,
                 invperm=prepared.invperm,
                 weight=w_q,
-                err=weighted_error(w32 - w_q, prepared.hessian),
+                err=errors[ci],
             )
         )
     return results
@@ -458,13 +484,19 @@ def _start_groups(
     cur_zero: torch.Tensor,
     cur_maxq: torch.Tensor,
 ) -> None:
-    """Find scales for every config whose next group starts at row ``r``, batched by shape."""
-    by_shape: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    """Find scales for every config whose next group starts at row ``r``, batched by shape.
+
+    Configs whose layouts agree on every group up to this one have run identical recursions so
+    far, so their rows are identical: the search runs once per such prefix.
+    """
+    by_shape: dict[tuple[int, int], dict[tuple[tuple[int, int, int], ...], list[int]]] = {}
     for ci, gi in starting:
         bits, _, rows = layouts[ci][gi]
-        by_shape.setdefault((rows, bits), []).append((ci, gi))
-    for (rows, bits), members in by_shape.items():
-        cis = torch.tensor([ci for ci, _ in members], device=work.device)
+        prefix = tuple(layouts[ci][: gi + 1])
+        by_shape.setdefault((rows, bits), {}).setdefault(prefix, []).append(ci)
+    for (rows, bits), by_prefix in by_shape.items():
+        sharing = list(by_prefix.items())
+        cis = torch.tensor([same[0] for _, same in sharing], device=work.device)
         end = r + rows
         x = work[cis, r:end].clone()  # [S, rows, N]
         if end > b1:
@@ -473,12 +505,14 @@ def _start_groups(
             x[:, b1 - r :] -= pending
         q16, smax = _group_scales(x, bits, row_weight_all[r:end], mode)
         scale = q16 * q16 * smax.to(torch.float32)[:, None] / 256
-        for j, (ci, gi) in enumerate(members):
-            scales[ci][gi] = (q16[j] - 1).to(torch.uint8)
-            smaxes[ci][gi] = smax[j].to(torch.float16)
-            cur_scale[ci] = scale[j]
-            cur_zero[ci, 0] = float(1 << (layouts[ci][gi][0] - 1))
-            cur_maxq[ci, 0] = float((1 << layouts[ci][gi][0]) - 1)
+        for j, (prefix, same) in enumerate(sharing):
+            gi = len(prefix) - 1
+            for ci in same:
+                scales[ci][gi] = (q16[j] - 1).to(torch.uint8)
+                smaxes[ci][gi] = smax[j].to(torch.float16)
+                cur_scale[ci] = scale[j]
+                cur_zero[ci, 0] = float(1 << (bits - 1))
+                cur_maxq[ci, 0] = float((1 << bits) - 1)
 
 
 def rtn_quantize(

@@ -18,9 +18,15 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
+import queue
+import struct
+import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,22 +272,16 @@ def module_subset(states: torch.Tensor, module_tokens: int | None, kind: str) ->
     return states[:, pos].contiguous()
 
 
-def _measure_module(
+def _reference_pass(
     *,
     block: torch.nn.Module,
     layer: int,
     module: _Module,
-    table: list[dict[str, QParams]],
-    cands: CandidateSet,
     states: torch.Tensor,
     forward: Callable[[torch.nn.Module, int, torch.Tensor], torch.Tensor],
-    config_index: Callable[[QParams], int],
     device: torch.device,
-    tick: Callable[[str, int], None],
-    module_tokens: int | None = DEFAULT_MODULE_TOKENS,
-) -> tuple[torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
-    """Measure one module; returns its reference output, linear records and module record."""
-    module_full = module.full_name
+) -> tuple[torch.Tensor, dict[str, gptq.Hessian]]:
+    """The module's reference output on all tokens, accumulating one Hessian per input group."""
     hessians: dict[str, gptq.Hessian] = {}
     with ExitStack() as stack:
         for group in module.groups:
@@ -292,9 +292,30 @@ def _measure_module(
             stack.enter_context(_hooked(block.get_submodule(head.rel_name), _HessianHook(hess)))
         with torch.no_grad():
             y_ref = forward(block, layer, states)
-    gptq._check_finite(y_ref, f"{module_full}: reference output")
-    tick(f"{module.kind} reference", 0)
+    gptq._check_finite(y_ref, f"{module.full_name}: reference output")
+    return y_ref, hessians
 
+
+def _quantize_module(
+    *,
+    block: torch.nn.Module,
+    layer: int,
+    module: _Module,
+    table: list[dict[str, QParams]],
+    cands: CandidateSet,
+    sub_states: torch.Tensor,
+    y_ref_sub: torch.Tensor | None,
+    hessians: Mapping[str, gptq.Hessian],
+    forward: Callable[[torch.nn.Module, int, torch.Tensor], torch.Tensor],
+    config_index: Callable[[QParams], int],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """GPTQ of every linear × candidate and the joint rows; returns linear and module records.
+
+    The joint rows are scored on ``sub_states`` (the :func:`module_subset` of the module input)
+    against ``y_ref_sub``, its reference output (computed here when None). Touches only this
+    module's weights, restored before returning.
+    """
+    module_full = module.full_name
     # Quantize every linear to every candidate of its input group (union over fused members).
     weights: dict[str, torch.Tensor] = {}
     fake: dict[tuple[str, str], torch.Tensor] = {}
@@ -332,15 +353,11 @@ def _measure_module(
                     "options": options,
                 }
             )
-            tick(f"{lin.kind} x{len(configs)}", len(configs))
         del prepared
 
-    # EXL2's joint rows on a fixed token subset of the same reference inputs (the reference
-    # output of the subset comes from the same forward, so only quantization differs).
-    sub_states = module_subset(states, module_tokens, module.kind)
-    if sub_states is states:
-        y_ref_sub = y_ref
-    else:
+    # EXL2's joint rows on a fixed token subset of the same reference inputs; the subset's
+    # reference output comes from the same forward, so only quantization differs.
+    if y_ref_sub is None:
         with torch.no_grad():
             y_ref_sub = forward(block, layer, sub_states)
     by_kind = {lin.kind: lin for lin in module.linears}
@@ -375,7 +392,6 @@ def _measure_module(
                     "configs": {kind: config_index(q) for kind, q in row.items()},
                 }
             )
-            tick(f"{module.kind} row", 0)
     finally:
         for kind, w in weights.items():
             dst = _weight(block, by_kind[kind].rel_name)
@@ -387,7 +403,7 @@ def _measure_module(
             f"{max(r['accuracy'] for r in rows_out):.4g} < {MIN_BEST_ACCURACY}: the module output "
             "is unstable (overflow or a broken forward)"
         )
-    return y_ref, records, {"name": module_full, "kind": module.kind, "rows": rows_out}
+    return records, {"name": module_full, "kind": module.kind, "rows": rows_out}
 
 
 class _hooked:
@@ -400,6 +416,193 @@ class _hooked:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency: the reference chain in the calling process, quantization tasks in workers
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a worker needs to quantize one module: everything else it reloads itself.
+
+    Only the joint rows' token subset of the module input travels (and the full reference
+    output only when the subset is everything), plus the Hessian sums: a few MiB per task.
+    """
+
+    layer: int
+    module_index: int  # in ``_layer_plan``: 0 attention, 1 MLP
+    sub_states: torch.Tensor
+    y_ref: torch.Tensor | None  # its reference output when ``sub_states`` is all tokens
+    hessians: dict[str, tuple[torch.Tensor, int]]  # shared input -> (Σ x xᵀ, tokens)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """Per-run constants, sent once to each worker."""
+
+    cands: CandidateSet
+    index: dict[str, int]
+    threads: int
+
+
+def _run_task(
+    sm: Any, block: torch.nn.Module, setup: _Setup, task: _Task
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    module = _layer_plan(sm.adapter, task.layer)[task.module_index]
+    attn = module.kind == "self_attn"
+    hessians = {}
+    for name, (total, count) in task.hessians.items():
+        hess = gptq.Hessian(int(total.shape[0]), name=name, device=total.device)
+        hess.sum, hess.count = total, count
+        hessians[name] = hess
+
+    def config_index(q: QParams) -> int:
+        # Read-only: every measured or table config is a candidate, indexed before the run.
+        key = _config_key(q)
+        if key not in setup.index:
+            raise MeasurementError(f"config {q.desc} is not in the candidate table")
+        return setup.index[key]
+
+    return _quantize_module(
+        block=block,
+        layer=task.layer,
+        module=module,
+        table=setup.cands.attn_rows if attn else setup.cands.mlp_rows,
+        cands=setup.cands,
+        sub_states=task.sub_states,
+        y_ref_sub=task.y_ref,
+        hessians=hessians,
+        forward=sm.attn_forward if attn else sm.mlp_forward,
+        config_index=config_index,
+    )
+
+
+def _send(stream: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _recv(stream: Any) -> Any:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _worker_main() -> None:
+    """A worker process: one setup frame on stdin, then tasks until EOF (its parent is gone)."""
+    from exl2rs.streaming import StreamingModel
+
+    # Frames go to the original stdout; anything printed by libraries goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = sys.stdin.buffer
+    try:
+        model_dir, device, setup = _recv(inp)
+    except EOFError:
+        return
+    torch.set_num_threads(setup.threads)
+    sm = StreamingModel(model_dir, device=device)
+    while True:
+        try:
+            task = _recv(inp)
+        except EOFError:
+            return
+        try:
+            reply: tuple[str, Any] = ("ok", _run_task(sm, sm.load_block(task.layer), setup, task))
+        except Exception as exc:  # noqa: BLE001 - sent back and re-raised in the parent
+            reply = ("err", exc)
+        try:
+            _send(out, reply)
+        except BrokenPipeError:
+            return
+
+
+class _ProcessPool(Executor):
+    """``workers`` Python processes running :func:`_run_task` on pickled :class:`_Task` s.
+
+    Plain subprocesses talking over their stdin/stdout rather than ``multiprocessing``, which
+    would re-import the caller's ``__main__`` (a script without a main guard breaks), and
+    rather than threads, whose GIL hand-offs stall GPTQ's many small ops. A worker whose parent
+    dies sees EOF on stdin and exits.
+    """
+
+    def __init__(self, workers: int, model_dir: Path, device: str, setup: _Setup) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        cmd = [sys.executable, "-c", "from exl2rs.measure import _worker_main; _worker_main()"]
+        self.procs = [
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            for _ in range(workers)
+        ]
+        self.free: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
+        for proc in self.procs:
+            _send(proc.stdin, (model_dir, device, setup))
+            self.free.put(proc)
+        self.threads = ThreadPoolExecutor(max_workers=workers)
+
+    def _call(self, task: _Task) -> Any:
+        proc = self.free.get()
+        try:
+            _send(proc.stdin, task)
+            status, value = _recv(proc.stdout)
+        except (EOFError, OSError) as exc:
+            code = proc.poll()
+            raise MeasurementError(
+                f"measurement worker {proc.pid} exited unexpectedly (exit code {code}) during "
+                f"layer {task.layer}; its stderr says why"
+            ) from exc
+        finally:
+            # Back even when dead, so queued tasks fail fast instead of waiting forever.
+            self.free.put(proc)
+        if status == "err":
+            raise value
+        return value
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if fn is not _run_task or kwargs:
+            raise TypeError("_ProcessPool runs _run_task(sm, block, setup, task) only")
+        return self.threads.submit(self._call, args[3])
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.threads.shutdown(wait=wait, cancel_futures=cancel_futures)
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class _PendingLayer:
+    layer: int
+    futures: list[Future[tuple[list[dict[str, Any]], dict[str, Any]]]]
+    states_after: torch.Tensor
+
+
+class _InlineExecutor(Executor):
+    """Runs each task at submission (``workers=1``): the sequential schedule, same results."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - re-raised by result(), in layer order
+            fut.set_exception(exc)
+        return fut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +697,7 @@ def measure(
     threads: int | None = None,
     on_layer_done: Callable[[int], None] | None = None,
     module_tokens: int | None = DEFAULT_MODULE_TOKENS,
+    workers: int | None = None,
 ) -> Path:
     """Measure ``model_dir`` and write the native measurement file to ``out_path``.
 
@@ -506,6 +710,13 @@ def measure(
     checkpoint; a rerun with the same model, calibration and candidates resumes from it.
     ``threads`` sets torch's CPU threads for the run (restored after): on a shared machine one
     thread avoids the thread-pool stalls that make small ops orders of magnitude slower.
+    ``workers`` is how many quantization tasks (GPTQ of a module's linears × candidates, then
+    its joint rows) run on worker threads beside the reference forward chain, which stays on the
+    calling thread and runs at most one layer ahead. Default: 1 on CUDA; on CPU 2 when there are
+    at least 2 cores, and then ``threads`` defaults to ``cores // 3`` (at least 1) — GPTQ's many
+    small ops gain nothing from torch's intra-op pool (slower with 2 threads even on an idle
+    machine), while independent tasks on single-threaded torch scale with cores. The file is
+    identical for every ``workers`` / ``threads`` choice on one machine.
     ``on_layer_done(i)`` runs after layer ``i`` is checkpointed.
 
     Token budget: Hessians and the reference forward (which produces the next layer's states) use
@@ -520,6 +731,14 @@ def measure(
     """
     if module_tokens is not None and module_tokens < 1:
         raise ValueError(f"module_tokens must be positive or None, got {module_tokens}")
+    dev = torch.device(device if device is not None else _default_device())
+    cores = os.cpu_count() or 1
+    if workers is None:
+        workers = 2 if dev.type == "cpu" and cores >= 2 else 1
+    if workers < 1:
+        raise ValueError(f"workers must be positive, got {workers}")
+    if threads is None and workers > 1 and dev.type == "cpu":
+        threads = max(1, cores // (workers + 1))
     saved_threads = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
@@ -532,7 +751,7 @@ def measure(
             calibration=calibration,
             rows=rows,
             length=length,
-            device=device,
+            device=dev,
             job_dir=job_dir,
             candidates=candidates,
             write_exllamav2=write_exllamav2,
@@ -540,6 +759,7 @@ def measure(
             progress=progress,
             on_layer_done=on_layer_done,
             module_tokens=module_tokens,
+            workers=workers,
         )
     finally:
         torch.set_num_threads(saved_threads)
@@ -552,7 +772,7 @@ def _measure(
     calibration: str | os.PathLike[str] | torch.Tensor,
     rows: int,
     length: int,
-    device: str | torch.device | None,
+    device: torch.device,
     job_dir: str | os.PathLike[str] | None,
     candidates: Mapping[str, Sequence[QParams]] | None,
     write_exllamav2: str | os.PathLike[str] | None,
@@ -560,6 +780,7 @@ def _measure(
     progress: bool,
     on_layer_done: Callable[[int], None] | None,
     module_tokens: int | None,
+    workers: int,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -567,7 +788,7 @@ def _measure(
 
     if rows <= 0 or length <= 0:
         raise CalibrationError(f"rows and length must be positive, got {rows} x {length}")
-    dev = torch.device(device if device is not None else _default_device())
+    dev = device
     torch.manual_seed(seed)
     sm = StreamingModel(model_dir, device=str(dev))
     if isinstance(calibration, torch.Tensor):
@@ -610,13 +831,6 @@ def _measure(
                 index[key] = len(configs)
                 configs.append(_config_dict(q))
 
-    def config_index(q: QParams) -> int:
-        key = _config_key(q)
-        if key not in index:
-            index[key] = len(configs)
-            configs.append(_config_dict(q))
-        return index[key]
-
     if job is None:
         states = sm.embed(tokens).to(torch.float32)
         linears_out: list[dict[str, Any]] = []
@@ -634,60 +848,70 @@ def _measure(
     bar = tqdm(
         total=num_layers, initial=start_layer, desc="measure", unit="layer", disable=not progress
     )
+    setup = _Setup(cands, dict(index), torch.get_num_threads())
+    pool: Executor
+    if workers == 1:
+        pool = _InlineExecutor()
+    else:
+        pool = _ProcessPool(workers, model_dir, str(dev), setup)
+    # Layers whose quantization tasks are in flight, oldest first: the reference chain runs at
+    # most one layer ahead of the oldest unfinished layer, so residency stays bounded by width.
+    pending: deque[_PendingLayer] = deque()
+    t_last = time.perf_counter()
     try:
         for layer in range(start_layer, num_layers):
-            t0 = time.perf_counter()
             block = sm.load_block(layer)
-            plan = _layer_plan(sm.adapter, layer)
-            steps = sum(
-                len(cands.for_group([m.kind for m in g.members])) * len(g.members)
-                for mod in plan
-                for g in mod.groups
-            )
-            inner = tqdm(total=steps, desc=f"layer {layer}", leave=False, disable=not progress)
-
-            def tick(what: str, done: int, inner: Any = inner) -> None:
-                inner.set_postfix_str(what, refresh=False)
-                inner.update(done)
-
-            for module in plan:
+            futures: list[Future[tuple[list[dict[str, Any]], dict[str, Any]]]] = []
+            for mi, module in enumerate(_layer_plan(sm.adapter, layer)):
                 attn = module.kind == "self_attn"
-                states, recs, mod_rec = _measure_module(
+                y_ref, hessians = _reference_pass(
                     block=block,
                     layer=layer,
                     module=module,
-                    table=cands.attn_rows if attn else cands.mlp_rows,
-                    cands=cands,
                     states=states,
                     forward=sm.attn_forward if attn else sm.mlp_forward,
-                    config_index=config_index,
                     device=dev,
-                    tick=tick,
-                    module_tokens=module_tokens,
                 )
-                linears_out.extend(recs)
-                modules_out.append(mod_rec)
-            inner.close()
+                sub = module_subset(states, module_tokens, module.kind)
+                task = _Task(
+                    layer=layer,
+                    module_index=mi,
+                    sub_states=sub,
+                    y_ref=y_ref if sub is states else None,
+                    hessians={k: (h.sum, h.count) for k, h in hessians.items()},
+                )
+                futures.append(pool.submit(_run_task, sm, block, setup, task))
+                states = y_ref
             del block
-            states_name = f"states-{layer + 1:05d}.safetensors"
-            _save_states(job_path / states_name, states)
-            old = job["states"] if job is not None else None
-            job = {
-                **header,
-                "next_layer": layer + 1,
-                "states": states_name,
-                "configs": configs,
-                "linears": linears_out,
-                "modules": modules_out,
-            }
-            _write_job(job_path, job)
-            if old and old != states_name:
-                (job_path / old).unlink(missing_ok=True)
-            bar.update(1)
-            bar.set_postfix(layer=layer, s=f"{time.perf_counter() - t0:.1f}")
-            if on_layer_done is not None:
-                on_layer_done(layer)
+            pending.append(_PendingLayer(layer, futures, states))
+            while pending and (len(pending) > 1 or layer == num_layers - 1):
+                done = pending.popleft()
+                for fut in done.futures:
+                    recs, mod_rec = fut.result()
+                    linears_out.extend(recs)
+                    modules_out.append(mod_rec)
+                states_name = f"states-{done.layer + 1:05d}.safetensors"
+                _save_states(job_path / states_name, done.states_after)
+                old = job["states"] if job is not None else None
+                job = {
+                    **header,
+                    "next_layer": done.layer + 1,
+                    "states": states_name,
+                    "configs": configs,
+                    "linears": linears_out,
+                    "modules": modules_out,
+                }
+                _write_job(job_path, job)
+                if old and old != states_name:
+                    (job_path / old).unlink(missing_ok=True)
+                now = time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(layer=done.layer, s=f"{now - t_last:.1f}")
+                t_last = now
+                if on_layer_done is not None:
+                    on_layer_done(done.layer)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
     cfg = sm.config
@@ -765,6 +989,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="quantization tasks run beside the reference chain (default: 2 on CPU, 1 on CUDA)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -783,6 +1013,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             threads=args.threads,
             module_tokens=args.module_tokens or None,
+            workers=args.workers,
         )
     except Exl2Error as exc:
         print(f"exl2rs measure: error: {exc}", file=sys.stderr)
