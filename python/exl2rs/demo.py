@@ -299,6 +299,55 @@ def convert_variant(
     )
 
 
+def _picklable(v: Variant) -> Variant:
+    """``v`` without its allocation (Rust objects do not cross process boundaries)."""
+    return Variant(v.key, v.label, v.target, v.strategy, rtn=v.rtn)
+
+
+def _convert_job(
+    model: Path, work_root: Path, v: Variant, settings: Settings, threads: int | None
+) -> str:
+    torch.set_num_threads(threads or 1)
+    convert_variant(model, work_root, v, settings, threads=threads or 1, progress=False)
+    return v.key
+
+
+def convert_all(
+    model: Path,
+    work_root: Path,
+    variants: Sequence[Variant],
+    settings: Settings,
+    *,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Converts every variant, one process per core: each quantize pass is a chain of small
+    torch ops that one thread serves best (measured by ``benches/bench_measure.py``), so two
+    converts side by side use two cores where one convert with two threads does not."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    jobs = min(len(variants), max(1, (os.cpu_count() or 1)))
+    if jobs <= 1:
+        for v in variants:
+            log(f"convert {v.label} (target {v.target} bpw)")
+            convert_variant(model, work_root, v, settings, threads=threads, progress=True)
+        return
+    t0 = time.perf_counter()
+    with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {
+            pool.submit(_convert_job, model, work_root, _picklable(v), settings, 1): v
+            for v in variants
+        }
+        for v in variants:
+            log(f"convert {v.label} (target {v.target} bpw) in a worker process")
+        for fut in cf.as_completed(futures):
+            v = futures[fut]
+            fut.result()  # re-raises the worker's error (Exl2Error subclasses pickle)
+            log(f"  {v.label} done after {time.perf_counter() - t0:.0f} s")
+
+
 @dataclass
 class Score:
     """Accumulated wiki-ho scores of one model."""
@@ -541,9 +590,9 @@ def run_demo(
                 )
             )
             variants.append(uniform_variant(f"uniform_{t:.1f}", f"uniform@>={t:.1f}", t, shapes))
-        for v in variants:
-            log(f"convert {v.label} (target {v.target} bpw)")
-            convert_variant(model, out / "models", v, settings, threads=threads, progress=progress)
+        convert_all(model, out / "models", variants, settings, threads=threads, log=log)
+        for v in variants:  # each job is finished now: this only reads its result
+            convert_variant(model, out / "models", v, settings, threads=threads, progress=False)
         windows = eval_windows(model, settings.windows)
         ref, scores = score_all(
             load_fp32(model),
