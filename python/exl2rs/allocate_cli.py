@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scale",
         choices=("raw", "relative"),
-        default="raw",
+        default="relative",
         help="per-linear error: raw tr(dW H dW^T) or relative to tr(W H W^T)",
     )
     p.add_argument("--fuse", action="store_true", help="tie q/k/v and gate/up to one config")

@@ -24,6 +24,13 @@ ObjectiveName = Literal["sum", "weighted", "norm", "minimax"]
 SOLVERS: tuple[SolverName, ...] = ("exact", "greedy", "lagrangian", "anneal", "minimax")
 
 
+# Per-linear error the allocator minimises by default: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ). On the full
+# SmolLM2 (benches/RESULTS.md, "Objective"), raw errors grow with the residual stream's depth,
+# so minimising their sum starved the early layers (2.3 bpw at a 3.0 target) and lost to uniform
+# GPTQ; the relative sum was the best allocation at 3.0 and 4.0 bpw.
+DEFAULT_SCALE: Literal["raw", "relative"] = "relative"
+
+
 @dataclass(frozen=True)
 class ItemChoice:
     """The option chosen for one item."""
@@ -247,7 +254,7 @@ def _choices(problem: Problem, sol: Solution, source: object) -> list[ItemChoice
 def as_problem(
     source: Problem | Measurement | Exl2Measurement | str | Path,
     *,
-    scale: Literal["raw", "relative"] = "raw",
+    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,
@@ -293,7 +300,7 @@ def allocate(
     objective: ObjectiveName = "sum",
     norm: float | None = None,
     seed: int = 0,
-    scale: Literal["raw", "relative"] = "raw",
+    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,
@@ -359,7 +366,7 @@ def frontier(
     objective: ObjectiveName = "sum",
     norm: float | None = None,
     seed: int = 0,
-    scale: Literal["raw", "relative"] = "raw",
+    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,

@@ -202,7 +202,9 @@ def _parse_pins(values: list[str] | None) -> dict[str, str]:
 
 def _pinned_problem(measurement: Any, pins: Mapping[str, str]) -> Any:
     """The linear problem of ``measurement`` with pins resolved per matched item."""
-    problem = measurement.linear_problem()
+    from exl2rs.allocation import DEFAULT_SCALE
+
+    problem = measurement.linear_problem(DEFAULT_SCALE)
     if not pins:
         return problem
     descs = [QParams.from_dict(json.loads(t)).desc for t in measurement.configs_json()]

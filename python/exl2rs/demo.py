@@ -282,13 +282,14 @@ def convert_variant(
     threads: int | None = None,
     progress: bool = True,
 ) -> None:
-    """Quantize + compile ``v`` with ``exl2rs.convert`` in ``work_root/v.key`` (a finished job
-    with the same inputs is reported, not redone)."""
+    """Quantize + compile ``v`` with ``exl2rs.convert`` in ``work_root/<key>-<strategy digest>``
+    (a finished job with the same inputs is reported, not redone; a new strategy gets a new job)."""
     from exl2rs.convert import convert
+    from exl2rs.quantize import strategy_digest
 
     v.result = convert(
         model,
-        work_root / v.key,
+        work_root / f"{v.key}-{strategy_digest(v.strategy)[:8]}",
         strategy=v.strategy,
         head_bits=HEAD_BITS,
         rows=settings.quant_rows,
