@@ -23,7 +23,8 @@ def measurement() -> Any:
 
 
 def strategy_of(measurement: Any, bpw: float) -> tuple[dict[str, Any], Any]:
-    a = allocate(measurement, bpw)
+    # the report sums raw tr(ΔW H ΔWᵀ); compare against an allocation on that scale
+    a = allocate(measurement, bpw, scale="raw")
     shapes = dict(zip(measurement.linear_names, measurement.linear_shapes, strict=True))
     linears = {}
     for name, qp in a.configs().items():
