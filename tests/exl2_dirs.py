@@ -144,3 +144,23 @@ def write_exl2_dir(
         json.dumps({"version": 1, "bits": bits, "linears": strategy}, indent=1)
     )
     return out
+
+
+def tiny_llama_config(vocab: int) -> Any:
+    """The 2-layer, hidden-64 Llama (GQA, biased attention, tied embeddings) of the load tests."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        attention_bias=True,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import exl2rs
-from exl2_dirs import mixed, uniform, write_exl2_dir
+from exl2_dirs import mixed, tiny_llama_config, uniform, write_exl2_dir
 from exl2rs import ModelError, QuantLinear, packing
 
 VOCAB = 256
@@ -22,21 +22,7 @@ VOCAB = 256
 
 @pytest.fixture(scope="module")
 def src_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., Path]) -> Path:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        attention_bias=True,
-    )
-    config.architectures = ["LlamaForCausalLM"]
+    config = tiny_llama_config(VOCAB)
     path: Path = tiny_model(config, tmp_path_factory.mktemp("src"), seed=3)
     return path
 
