@@ -41,6 +41,7 @@ from exl2rs.demo import (
     HEAD_BITS,
     Settings,
     Variant,
+    convert_all,
     convert_variant,
     decoder_bpw,
     decoder_shapes,
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also exact on a second measurement with plain single-width configs added",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--jobs", type=int, default=None, help="converts at once (spawned; default: one per core)"
+    )
     ap.add_argument("--work", type=Path, default=None, help="default benches/out/quality_L<N>")
     ap.add_argument("--json", type=Path, default=Path("benches/out/bench_quality.json"))
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -203,11 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         objectives=args.objectives,
         plain_measurement=plain,
     )
-    for v in variants:
-        print(f"convert {v.key}", flush=True)
-        convert_variant(
-            model, work / "models", v, settings, threads=args.threads, progress=args.progress
-        )
+    convert_all(model, work / "models", variants, settings, threads=args.threads, jobs=args.jobs)
+    for v in variants:  # every job is finished now: this only reads its result
+        convert_variant(model, work / "models", v, settings, threads=args.threads, progress=False)
     windows = eval_windows(model, settings.windows)
     ref, scores = score_all(
         load_fp32(model),

@@ -330,6 +330,41 @@ def test_measurement_of_another_model_is_refused(
     assert model_hash(other)[:16] in msg
 
 
+def test_measurement_with_a_wider_candidate_set(small: dict[str, Path], tmp_path: Path) -> None:
+    """A measurement of more configs than EXL2's sets is used as measured: the allocation (and
+    a pin) can choose a config only that file has."""
+    from exl2rs.convert import _parse_pins
+    from exl2rs.measure import measure
+    from exl2rs.qparams import LINEAR_KINDS, candidates
+
+    extra = QParams((3,), (1.0,), (32,))
+    assert all(extra.desc not in {q.desc for q in candidates(k)} for k in LINEAR_KINDS)
+    tokens = torch.from_numpy(np.load(small["cal"]))
+    m = measure(
+        small["model"],
+        tmp_path / "wide.json",
+        calibration=tokens,
+        candidates={kind: [*candidates(kind), extra] for kind in LINEAR_KINDS},
+        progress=False,
+        threads=1,
+    )
+    res = exl2rs.convert(
+        small["model"],
+        tmp_path / "w",
+        bits=4.5,
+        measurement=m,
+        calibration=small["cal"],
+        rows=2,
+        length=32,
+        pins=_parse_pins([f"*.down_proj={extra.desc}"]),
+        progress=False,
+    )
+    doc = json.loads((res.output_dir / "exl2rs_strategy.json").read_text())
+    downs = {k: QParams.from_dict(v["config"]).desc for k, v in doc["linears"].items()}
+    assert {d for k, d in downs.items() if k.endswith("down_proj")} == {extra.desc}
+    assert res.bpw <= 4.5 + 1e-9
+
+
 def test_target_size_and_pins(
     small: dict[str, Path], small_measurement: Path, tmp_path: Path
 ) -> None:

@@ -13,7 +13,8 @@ inputs (without ``-nr``), is refused naming the file and the field.
 Differences from exllamav2: without ``-cf`` the loadable model goes to ``WORKDIR/exl2`` (exllamav2
 writes bare shards into the work dir); ``-om`` writes exllamav2's ``measurement.json`` there and the
 native measurement next to it as ``<name>.exl2rs.json``; ``-m`` takes the native file (it carries
-the model / calibration / candidate hashes that are checked).
+the model hash that is checked; its candidate configs may be any set — the allocation chooses
+among what was measured).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from exl2rs.qparams import QParams, head_config
 
 if TYPE_CHECKING:
     import torch
+
+    from exl2rs._core import Measurement
 
 __all__ = ["ConvertResult", "add_arguments", "convert", "run"]
 
@@ -303,6 +306,14 @@ def _bpw_range(shapes: Mapping[str, tuple[int, int]]) -> tuple[float, float]:
     return lo / numel, hi / numel
 
 
+def _measurement_bpw_range(path: Path) -> tuple[float, float]:
+    """Smallest / largest decoder bpw among the configs a measurement holds (any candidate
+    set: the allocator chooses among what was measured)."""
+    problem = _load_measurement(path).linear_problem()
+    lo, hi = problem.cost_range()
+    return lo / problem.total_numel, hi / problem.total_numel
+
+
 # -- the job ---------------------------------------------------------------------------------
 
 
@@ -465,12 +476,18 @@ def _convert(
     elif strategy is not None:
         given_strategy = _load_strategy(Path(strategy), names)
         strategy_src = str(Path(strategy).resolve())
-    lo, hi = _bpw_range(shapes)
-    if given_strategy is None and bits is not None and not lo <= bits <= hi:
-        raise InfeasibleTargetError(
-            f"-b {bits}: not reachable for {src.name}; the feasible decoder bpw range with EXL2's "
-            f"candidate configs is [{lo:.4f}, {hi:.4f}]"
-        )
+    if given_strategy is None and bits is not None:
+        if measurement is None:
+            lo, hi = _bpw_range(shapes)
+            where = "EXL2's candidate configs"
+        else:
+            lo, hi = _measurement_bpw_range(Path(measurement))
+            where = f"the configs measured in {measurement}"
+        if not lo <= bits <= hi:
+            raise InfeasibleTargetError(
+                f"-b {bits}: not reachable for {src.name}; the feasible decoder bpw range with "
+                f"{where} is [{lo:.4f}, {hi:.4f}]"
+            )
     pin_map = dict(pins or {})
     if given_strategy is not None and pin_map:
         raise JobError("--pin applies to the allocation; it cannot be combined with --strategy")
@@ -718,30 +735,30 @@ def _load_cal(work: Path, job: dict[str, Any]) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _check_measurement(path: Path, model_h: str) -> Path:
+def _load_measurement(path: Path) -> Measurement:
+    """The native measurement at ``path`` (``-m``), or an error saying what the file is not."""
     from exl2rs._core import Measurement
-    from exl2rs.measure import default_candidates
 
     if not path.is_file():
         raise MeasurementFileError(f"-m {path}: measurement file does not exist")
     try:
-        m = Measurement.load(path)
+        return Measurement.load(path)
     except MeasurementFileError as exc:
         raise MeasurementFileError(
             f"-m {path}: not a native exl2rs measurement ({exc}); exllamav2's measurement.json "
             f"carries no model hash to check, pass the {NATIVE_MEASUREMENT} written beside it"
         ) from exc
+
+
+def _check_measurement(path: Path, model_h: str) -> Path:
+    m = _load_measurement(path)
     if m.model_hash != model_h:
         raise MeasurementFileError(
             f"-m {path}: measured another model (measurement model hash {m.model_hash[:16]}…, "
             f"this model {model_h[:16]}…)"
         )
-    cand = default_candidates().digest()
-    if m.candidates_hash != cand:
-        raise MeasurementFileError(
-            f"-m {path}: measured another candidate set (measurement candidates hash "
-            f"{m.candidates_hash[:16]}…, this run {cand[:16]}…)"
-        )
+    # Any candidate set is fine (EXL2's, a superset with plain layouts, a narrower one): the
+    # allocator chooses among the configs the file measured, the quantizer takes any config.
     return path.resolve()
 
 

@@ -320,16 +320,18 @@ def convert_all(
     settings: Settings,
     *,
     threads: int | None = None,
+    jobs: int | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    """Converts every variant, one process per core: each quantize pass is a chain of small
-    torch ops that one thread serves best (measured by ``benches/bench_measure.py``), so two
-    converts side by side use two cores where one convert with two threads does not."""
+    """Converts every variant, ``jobs`` processes at once (default: one per core): each
+    quantize pass is a chain of small torch ops that one thread serves best (measured by
+    ``benches/bench_measure.py``), so two converts side by side use two cores where one convert
+    with two threads does not."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
 
-    jobs = min(len(variants), max(1, (os.cpu_count() or 1)))
+    jobs = min(len(variants), max(1, jobs or os.cpu_count() or 1))
     if jobs <= 1:
         for v in variants:
             log(f"convert {v.label} (target {v.target} bpw)")
