@@ -419,6 +419,22 @@ def test_bad_arguments(
     with pytest.raises(ModelError):
         exl2rs.convert(tmp_path, tmp_path / "w", bits=4.0)
     assert not (tmp_path / "w").exists()  # nothing written for refused arguments
+    with pytest.raises(SystemExit):
+        _cli([*args, "-b", "4", "--max-ppl-ratio", "0.5"], capsys)
+    assert "expected a number > 1 or 'off', got '0.5'" in capsys.readouterr().err
+
+
+def test_max_ppl_ratio_flag() -> None:
+    import argparse
+
+    from exl2rs.convert import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["-i", "m", "-o", "w", "-b", "3"]
+    assert p.parse_args(base).max_ppl_ratio == 3.0
+    assert p.parse_args([*base, "--max-ppl-ratio", "off"]).max_ppl_ratio is None
+    assert p.parse_args([*base, "--max-ppl-ratio", "5"]).max_ppl_ratio == 5.0
 
 
 # -- the full SmolLM2 ----------------------------------------------------------------------------

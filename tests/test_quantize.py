@@ -201,6 +201,11 @@ def test_broken_model_fails_the_perplexity_check(
     monkeypatch.setattr(qmod, "_verify_packed", broken)
     with pytest.raises(QuantizationError, match=r"broken: calibration perplexity .* x fp32"):
         quantize_model(model, tmp_path / "job", _strategy(model, Q4), tokens, progress=False)
+    # Without the bound (baselines) the same model is written, its perplexity reported.
+    res = quantize_model(
+        model, tmp_path / "job2", _strategy(model, Q4), tokens, max_ppl_ratio=None, progress=False
+    )
+    assert res.cal_ppl_quant > 3 * res.cal_ppl_fp32
 
 
 def test_strategy_must_cover_every_linear(small_dir: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -345,7 +346,7 @@ def convert(
     rtn: bool = False,
     device: str | None = None,
     seed: int = 0,
-    max_ppl_ratio: float = 3.0,
+    max_ppl_ratio: float | None = 3.0,
     threads: int | None = None,
     progress: bool = True,
     status: Status | None = None,
@@ -419,7 +420,7 @@ def _convert(
     rtn: bool,
     device: str | None,
     seed: int,
-    max_ppl_ratio: float,
+    max_ppl_ratio: float | None,
     progress: bool,
     status: Status | None,
 ) -> ConvertResult:
@@ -888,6 +889,18 @@ def _finished_result(work: Path, job: dict[str, Any], *, already: bool) -> Conve
 # -- CLI -------------------------------------------------------------------------------------
 
 
+def _ppl_ratio(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not v > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number > 1 or 'off', got {text!r}")
+    return v
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--in_dir", "--in-dir", dest="in_dir", required=True, help="HF model dir")
     p.add_argument("-o", "--out_dir", "--out-dir", dest="out_dir", required=True, help="work dir")
@@ -997,9 +1010,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-ppl-ratio",
         dest="max_ppl_ratio",
-        type=float,
+        type=_ppl_ratio,
         default=3.0,
-        help="fail when calibration ppl exceeds this multiple of fp32 (default 3)",
+        help="fail when calibration ppl exceeds this multiple of fp32 (default 3; 'off': only "
+        "fail on a non-finite perplexity, for baselines such as --rtn at low bits)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

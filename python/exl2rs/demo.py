@@ -295,6 +295,8 @@ def convert_variant(
         rows=settings.quant_rows,
         length=settings.quant_length,
         rtn=v.rtn,
+        # Round-to-nearest is a baseline: its perplexity, however bad, is the result.
+        max_ppl_ratio=None if v.rtn else 3.0,
         threads=threads,
         progress=progress,
     )

@@ -375,7 +375,7 @@ def quantize_model(
     rtn: bool = False,
     scale_search: gptq.ScaleSearch = "hessian",
     ppl_rows: int = DEFAULT_PPL_ROWS,
-    max_ppl_ratio: float = DEFAULT_MAX_PPL_RATIO,
+    max_ppl_ratio: float | None = DEFAULT_MAX_PPL_RATIO,
     progress: bool = True,
     on_event: Event | None = None,
     on_layer_done: Callable[[int], None] | None = None,
@@ -389,7 +389,9 @@ def quantize_model(
     linears, same layouts; the head is GPTQ-quantized either way. The final check computes the
     calibration perplexity of the first ``ppl_rows`` rows for the fp32 model and the quantized
     one and raises :class:`QuantizationError` when the quantized one exceeds
-    ``max_ppl_ratio`` × fp32 (or is not finite).
+    ``max_ppl_ratio`` × fp32 (or is not finite). ``max_ppl_ratio=None`` keeps only the
+    finiteness check: for baselines (round-to-nearest at low bits) whose perplexity is the
+    point of the run, however bad.
     """
     from tqdm.auto import tqdm
 
@@ -400,7 +402,7 @@ def quantize_model(
     model_path, job = Path(model_dir), Path(job_dir)
     if head_bits is not None and head_bits not in HEAD_BITS_CHOICES:
         raise JobError(f"head_bits must be one of {list(HEAD_BITS_CHOICES)}, got {head_bits!r}")
-    if not max_ppl_ratio > 1.0:
+    if max_ppl_ratio is not None and not max_ppl_ratio > 1.0:
         raise ValueError(f"max_ppl_ratio must exceed 1, got {max_ppl_ratio}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sm = StreamingModel(model_path, device=dev)
@@ -518,10 +520,12 @@ def quantize_model(
     finally:
         bar.close()
     emit({"stage": "quantize", "layer": HEAD_NAME, "completion": 1.0, "cal_ppl": ppl_q})
-    if not math.isfinite(ppl_q) or ppl_q > max_ppl_ratio * ppl_ref:
+    too_high = max_ppl_ratio is not None and ppl_q > max_ppl_ratio * ppl_ref
+    if not math.isfinite(ppl_q) or too_high:
+        bound = "finite" if max_ppl_ratio is None else f"{max_ppl_ratio:g} x fp32"
         raise QuantizationError(
             f"the quantized model is broken: calibration perplexity {ppl_q:.4g} on the first "
-            f"{n_ppl} rows vs {ppl_ref:.4g} for the fp32 model (bound: {max_ppl_ratio:g} x fp32); "
+            f"{n_ppl} rows vs {ppl_ref:.4g} for the fp32 model (bound: {bound}); "
             "check the strategy (bits too low?) and the per-layer rfn log in "
             f"{job / PROGRESS_FILE}"
         )
