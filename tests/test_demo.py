@@ -129,3 +129,18 @@ def test_fresh_refuses_to_delete_a_foreign_directory(tmp_path: Path) -> None:
     with pytest.raises(Exl2Error, match="does not look like a demo output"):
         demo.run_demo(tmp_path, demo.QUICK, fresh=True, progress=False, log=lambda _s: None)
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_convert_all_reports_every_failed_job(tmp_path: Path) -> None:
+    """Spawned converts: a failing job does not hide the others; the error names every failed
+    variant and carries the first worker's own exception."""
+    from exl2rs.errors import JobError
+    from exl2rs.fixtures import truncated_model_dir
+
+    model = truncated_model_dir(1)
+    bad = [demo.Variant(f"bad{i}", "bad", 4.0, {}) for i in range(2)]
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match=r"2 of 2 converts failed: bad[01], bad[01]") as info:
+        demo.convert_all(model, tmp_path, bad, demo.QUICK, jobs=2, log=lines.append)
+    assert isinstance(info.value.__cause__, JobError)
+    assert sum("FAILED" in line for line in lines) == 2

@@ -347,10 +347,22 @@ def convert_all(
         }
         for v in variants:
             log(f"convert {v.label} (target {v.target} bpw) in a worker process")
+        # One failed job does not stop the others (their finished work dirs are reused by a
+        # rerun); every failure is logged as it happens and the first is raised at the end.
+        failed: list[tuple[Variant, BaseException]] = []
         for fut in cf.as_completed(futures):
             v = futures[fut]
-            fut.result()  # re-raises the worker's error (Exl2Error subclasses pickle)
-            log(f"  {v.label} done after {time.perf_counter() - t0:.0f} s")
+            exc = fut.exception()  # the worker's error (Exl2Error subclasses pickle)
+            if exc is not None:
+                failed.append((v, exc))
+                log(f"  {v.key} FAILED after {time.perf_counter() - t0:.0f} s: {exc}")
+            else:
+                log(f"  {v.key} done after {time.perf_counter() - t0:.0f} s")
+    if failed:
+        names = ", ".join(v.key for v, _ in failed)
+        raise RuntimeError(f"{len(failed)} of {len(variants)} converts failed: {names}") from (
+            failed[0][1]
+        )
 
 
 @dataclass
