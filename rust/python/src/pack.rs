@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use exl2rs_core::pack::{
-    self as core, Exl2Packed, Exl2Tensors, GptqPacked, GptqTensors, GroupLayout,
+    self as core, Exl2Packed, Exl2Tensors, GptqPacked, GptqTensors, GroupLayout, Isa, Stores,
 };
 use numpy::ndarray::{Array1, Array2, Dimension};
 use numpy::{
@@ -232,8 +232,8 @@ fn out_array<'py>(
 }
 
 /// Unpacks `[qrows, cols]` int32 words into `[qrows·32/bits, cols]` uint8 codes, into `out`
-/// when given (checked, filled in place and returned) or a fresh NumPy array. Large outputs
-/// are written with streaming stores (see `exl2rs_core::pack::Stores::Auto`).
+/// when given (checked, filled in place and returned) or a fresh NumPy array. Large `out`
+/// buffers are written with streaming stores (see `exl2rs_core::pack::Stores::Auto`).
 #[pyfunction]
 #[pyo3(signature = (packed, bits, out=None))]
 fn unpack_columns<'py>(
@@ -244,6 +244,7 @@ fn unpack_columns<'py>(
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (qrows, cols) = (packed.shape()[0], packed.shape()[1]);
     let rows = core::unpacked_rows(qrows, cols, bits).map_err(to_py)?;
+    let fresh = out.is_none();
     let out = match out {
         Some(o) => out_array(&o, [rows, cols])?,
         None => PyArray2::<u8>::zeros(py, [rows, cols], false),
@@ -262,7 +263,10 @@ fn unpack_columns<'py>(
         let dst = rw
             .as_slice_mut()
             .expect("a C-contiguous array is one slice");
-        py.detach(|| core::unpack_columns_to(&p, qrows, cols, bits, dst))
+        // A fresh array's pages are first touched by the unpacker: ordinary stores are faster
+        // there; a caller's buffer gets the default (streaming when large).
+        let stores = if fresh { Stores::Cached } else { Stores::Auto };
+        py.detach(|| core::unpack_columns_with(Isa::detect(), stores, &p, qrows, cols, bits, dst))
             .map_err(to_py)?;
     }
     Ok(out)
