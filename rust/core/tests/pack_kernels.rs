@@ -251,7 +251,7 @@ fn wide_values_are_not_truncated() {
 fn wide_unpack_streams_on_every_isa() {
     for bits in EXL2_BITS {
         let wpb = exl2rs_core::pack::bits::words_per_block(bits);
-        for (qrows, cols) in [(70 * wpb, 1024), (7 * wpb, 2048 + 37)] {
+        for (qrows, cols) in [(70 * wpb, 1024), (3 * wpb, 5120), (7 * wpb, 2048 + 37)] {
             let words = lcg_words(qrows * cols, u64::from(bits));
             for offset in [0, 16, 33] {
                 check_unpack(&words, qrows, cols, bits, offset);
