@@ -235,9 +235,18 @@ unsafe fn strip<const B: usize>(
         }
     }
     let rows = 4 * g;
+    // While the rows go out, prefetch the next strip's words (a strip's run of a word row is
+    // 1–4 pages, where the hardware prefetcher stops): its lines spread over the rows.
+    let lines = width * 4 / 64; // per word row
+    let per_row = (w * lines).div_ceil(rows);
+    let next = blk.as_ptr().wrapping_add(c0 + width);
     macro_rules! rows {
         ($($i:literal)*) => {$(
             if $i < rows {
+                for l in $i * per_row..($i + 1) * per_row {
+                    let (wi, line) = (l / lines, l % lines);
+                    prefetch_row(next.wrapping_add(wi * cols + 16 * line).cast());
+                }
                 let row = $i * cols + c0;
                 debug_assert!(row + width <= dst.len());
                 for j in 0..chunks {
