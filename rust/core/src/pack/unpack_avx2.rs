@@ -18,9 +18,10 @@
 //! row only when `cols % 64 == 0`, which is checked here (otherwise ordinary stores). The first
 //! and last 64 columns are covered by unaligned tiles with ordinary stores, overlapping the
 //! streamed part (writing the same bytes twice), so no column falls to a scalar path. The
-//! streamed part is cut into tiles, or for 2/3/5 bits (16–32 rows per block) into strips of
-//! 1–4 K columns whose code rows are written one at a time ([`strip`]): streaming 16–32 rows
-//! 8 KiB apart at once measured 12–15 GB/s against 20 GB/s for one sequential stream.
+//! streamed part is cut into strips of 1–4 K columns whose code rows are written one at a
+//! time ([`strip`]): streaming 16–32 rows 8 KiB apart at once, as the tiles do, measured
+//! 12–15 GB/s against 20 GB/s for one sequential stream; with the next strip's words
+//! prefetched, strips beat streamed tiles by 15–25% at 2/3 bits and tie at 4/5/6/8.
 //! Matrices under 64 columns are unpacked one column at a time.
 use std::arch::x86_64::{
     __m256i, _mm256_and_si256, _mm256_loadu_si256, _mm256_or_si256, _mm256_permute2x128_si256,
@@ -46,14 +47,9 @@ fn prefetch_row(p: *const u8) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) }
 }
 
-/// Widths whose streaming path writes strips (see [`strip`]); the others stream whole tiles.
-/// Measured on the 8192² benchmark (same process, alternating builds): strips gained ~15–25%
-/// at 2 and 3 bits and were level at 5, while at 4/6/8 bits (8–16 rows per block, and for 8
-/// bits the planes are the output) the extra pass through the scratch cost 10–30%.
-const STRIPS: [usize; 3] = [2, 3, 5];
-
-/// Columns per strip: the planes (`4·W` rows of that many bytes: 16, 12 and 20 KiB) stay in
-/// L1; the best of 1024/4096 columns measured per width.
+/// Columns per strip: the planes (`4·W` rows of that many bytes, 4–20 KiB) stay in L1. 2-bit
+/// codes measured best with 4096 columns, 3/5 bits with 1024 (4096 was 10–25% slower at 5/6
+/// bits, whose planes then spill to L2).
 const fn strip_width(bits: usize) -> usize {
     if bits == 2 {
         4096
@@ -146,18 +142,12 @@ unsafe fn code_row<const B: usize>(plane: impl Fn(usize) -> __m256i, i: usize) -
 }
 
 /// Unpacks the 64 columns from `c0` of one block (`blk`: `[W, cols]` words, `dst`: `[R, cols]`
-/// codes).
+/// codes) with ordinary stores.
 ///
 /// # Safety
-/// `c0 + 64 <= cols`; `blk` and `dst` hold one whole block; with `NT`, every
-/// `dst[i·cols + c0]` is 32-byte aligned; AVX2 must be available.
+/// `c0 + 64 <= cols`; `blk` and `dst` hold one whole block; AVX2 must be available.
 #[inline(always)]
-unsafe fn tile<const B: usize, const NT: bool>(
-    blk: &[i32],
-    dst: &mut [u8],
-    cols: usize,
-    c0: usize,
-) {
+unsafe fn tile<const B: usize>(blk: &[i32], dst: &mut [u8], cols: usize, c0: usize) {
     let (g, w) = shape(B);
     let mut planes = [[_mm256_setzero_si256(); MAX_PLANES]; 2];
     for (half, p) in planes.iter_mut().enumerate() {
@@ -175,24 +165,14 @@ unsafe fn tile<const B: usize, const NT: bool>(
     macro_rules! rows {
         ($($i:literal)*) => {$(
             if $i < rows {
-                if !NT {
-                    prefetch_row(dst.as_ptr().wrapping_add($i * cols + c0 + PREFETCH));
-                }
+                prefetch_row(dst.as_ptr().wrapping_add($i * cols + c0 + PREFETCH));
                 for (half, p) in planes.iter().enumerate() {
                     // SAFETY: AVX2 is available (caller).
                     let v = unsafe { code_row::<B>(|k| p[k], $i) };
                     let at = $i * cols + c0 + 32 * half;
                     debug_assert!(at + 32 <= dst.len());
-                    // SAFETY: the 32 bytes from `at` lie in code row `i` of this block; with
-                    // `NT` the caller guarantees the alignment streaming stores need.
-                    unsafe {
-                        let p = dst.as_mut_ptr().add(at).cast::<__m256i>();
-                        if NT {
-                            _mm256_stream_si256(p, v);
-                        } else {
-                            _mm256_storeu_si256(p, v);
-                        }
-                    }
+                    // SAFETY: the 32 bytes from `at` lie in code row `i` of this block.
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().add(at).cast(), v) };
                 }
             }
         )*};
@@ -297,32 +277,25 @@ pub(super) fn unpack<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]
         unsafe {
             if stream {
                 if head > 0 {
-                    tile::<B, false>(blk, dst, cols, 0);
+                    tile::<B>(blk, dst, cols, 0);
                 }
                 let mut c0 = head;
-                if STRIPS.contains(&B) {
-                    while c0 < head + body {
-                        let width = strip_width(B).min(head + body - c0);
-                        strip::<B>(blk, dst, cols, c0, width, &mut scratch);
-                        c0 += width;
-                    }
-                } else {
-                    while c0 < head + body {
-                        tile::<B, true>(blk, dst, cols, c0);
-                        c0 += TILE;
-                    }
+                while c0 < head + body {
+                    let width = strip_width(B).min(head + body - c0);
+                    strip::<B>(blk, dst, cols, c0, width, &mut scratch);
+                    c0 += width;
                 }
                 if c0 < cols {
-                    tile::<B, false>(blk, dst, cols, last);
+                    tile::<B>(blk, dst, cols, last);
                 }
             } else {
                 let mut c0 = 0;
                 while c0 <= last {
-                    tile::<B, false>(blk, dst, cols, c0);
+                    tile::<B>(blk, dst, cols, c0);
                     c0 += TILE;
                 }
                 if c0 - TILE < last {
-                    tile::<B, false>(blk, dst, cols, last);
+                    tile::<B>(blk, dst, cols, last);
                 }
             }
         }
