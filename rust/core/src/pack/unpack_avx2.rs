@@ -265,17 +265,18 @@ pub(super) fn unpack<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]
     let misalign = out.as_ptr() as usize % TILE;
     let head = (TILE - misalign) % TILE;
     let stream = stream && cols.is_multiple_of(TILE) && head <= last;
-    // The streamed body: whole 64-column tiles from `head`, where every row is aligned.
-    let body = (cols - head) / TILE * TILE;
-    let mut scratch: StripPlanes = [_mm256_setzero_si256(); SCRATCH / 32];
-    for (blk, dst) in packed
+    let blocks = packed
         .chunks_exact(w * cols)
-        .zip(out.chunks_exact_mut(r * cols))
-    {
-        // SAFETY (all tiles): every start is at most `last = cols − 64`; streamed tiles start
-        // at `head + 64·m`, where every row of the block is 64-byte aligned.
-        unsafe {
-            if stream {
+        .zip(out.chunks_exact_mut(r * cols));
+    if stream {
+        // The streamed body: whole 64-column tiles from `head`, where every row is aligned.
+        let body = (cols - head) / TILE * TILE;
+        let mut scratch: StripPlanes = [_mm256_setzero_si256(); SCRATCH / 32];
+        for (blk, dst) in blocks {
+            // SAFETY: the edge tiles start at 0 and `last = cols − 64`; the strips cover
+            // `[head, head + body)`, `body` a multiple of 64, where every row of the block is
+            // 64-byte aligned (`cols % 64 == 0`), each at most `strip_width(B)` wide.
+            unsafe {
                 if head > 0 {
                     tile::<B>(blk, dst, cols, 0);
                 }
@@ -288,7 +289,15 @@ pub(super) fn unpack<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]
                 if c0 < cols {
                     tile::<B>(blk, dst, cols, last);
                 }
-            } else {
+            }
+        }
+        // Non-temporal stores are weakly ordered: make them visible before the caller (or the
+        // Rayon join) reads the output.
+        _mm_sfence();
+    } else {
+        for (blk, dst) in blocks {
+            // SAFETY: every tile starts at most at `last = cols − 64`.
+            unsafe {
                 let mut c0 = 0;
                 while c0 <= last {
                     tile::<B>(blk, dst, cols, c0);
@@ -299,10 +308,5 @@ pub(super) fn unpack<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]
                 }
             }
         }
-    }
-    if stream {
-        // Non-temporal stores are weakly ordered: make them visible before the caller (or the
-        // Rayon join) reads the output.
-        _mm_sfence();
     }
 }
