@@ -4,9 +4,12 @@ For an 8192 x 8192 matrix at each EXL2 width: exl2rs on 1 and 2 threads (each in
 process with RAYON_NUM_THREADS set, since Rayon's pool is sized once per process) and NumPy's
 whole-array shift-and-or packer and unpacker. Every time is the best of --reps runs (the
 machine is shared; interference only adds time). GB/s counts packed int32 bytes for both
-directions. "floor" is the time NumPy needs just to allocate and fill a fresh array of the
-output's size: no function returning a new array can beat it, so "max x" = NumPy time /
-floor bounds the achievable ratio. Prints a table of ratios and writes JSON to
+directions. Unpacking is timed twice on both sides: returning a fresh array ("fresh") and
+writing into a preallocated, reused result ("out": `unpack_columns(..., out=buf)` and
+`np_unpack(..., out=buf)`; NumPy's own temporaries are still allocated per call). "floor" is
+the time NumPy needs just to allocate and fill a fresh array of the output's size: no function
+returning a new array can beat it, so "max x" = NumPy fresh time / floor bounds the ratio
+achievable without `out=`. Prints a table of ratios and writes JSON to
 benches/out/bench_pack.json.
 
     python benches/bench_pack.py [--rows 8192] [--cols 8192] [--reps 5] [--threads 1,2]
@@ -46,20 +49,26 @@ def np_pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.int32]:
     return out.reshape(rows // r * w, cols).view(np.int32)
 
 
-def np_unpack(packed: npt.NDArray[np.int32], bits: int) -> npt.NDArray[np.uint8]:
+def np_unpack(
+    packed: npt.NDArray[np.int32], bits: int, out: npt.NDArray[np.uint8] | None = None
+) -> npt.NDArray[np.uint8]:
+    """Vectorised NumPy unpacker: one shift-and-mask per row position of a block, written into
+    ``out`` (``[qrows*32/bits, cols]`` uint8) when given."""
     qrows, cols = packed.shape
     r = RPB[bits]
     w = r * bits // 32
     words = packed.view(np.uint32).reshape(qrows // w, w, cols)
-    out = np.empty((qrows // w, r, cols), dtype=np.uint8)
+    if out is None:
+        out = np.empty((qrows // w * r, cols), dtype=np.uint8)
+    blocks = out.reshape(qrows // w, r, cols)
     mask = np.uint32((1 << bits) - 1)
     for i in range(r):
         word, shift = divmod(i * bits, 32)
         v = words[:, word] >> np.uint32(shift)
         if shift + bits > 32:
             v |= words[:, word + 1] << np.uint32(32 - shift)
-        out[:, i] = v & mask
-    return out.reshape(qrows // w * r, cols)
+        blocks[:, i] = v & mask
+    return out
 
 
 def best_s(fn: Callable[[], object], reps: int) -> float:
@@ -87,9 +96,15 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
         packed = pk.pack_columns(codes, bits)
         if not np.array_equal(packed, np_pack(codes, bits)):
             raise SystemExit(f"{bits}-bit: exl2rs and NumPy disagree")
+        buf = np.empty_like(codes)
+        if pk.unpack_columns(packed, bits, out=buf) is not buf or not np.array_equal(buf, codes):
+            raise SystemExit(f"{bits}-bit: unpack_columns(out=) does not round-trip")
         res[str(bits)] = {
             "pack_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
             "unpack_s": best_s(lambda p=packed, b=bits: pk.unpack_columns(p, b), reps),
+            "unpack_out_s": best_s(
+                lambda p=packed, b=bits, o=buf: pk.unpack_columns(p, b, out=o), reps
+            ),
         }
     # A whole EXL2 matrix with a mixed layout (exllamav2's down_proj row 9).
     groups = pk.exl2_layout(rows, [8, 5, 4], [0.05, 0.1, 0.85], [32, 128, 128])
@@ -139,11 +154,13 @@ def main() -> int:
 
     print(
         f"pack/unpack along K, {a.rows} x {a.cols} codes, best of {a.reps} reps; "
-        "GB/s of packed int32 data; x = NumPy time / exl2rs time"
+        "GB/s of packed int32 data; x = NumPy time / exl2rs time (unp: fresh result both "
+        "sides; out: into a reused out= buffer both sides)"
     )
-    head = f"{'bits':>4} {'np pack':>8} {'np unp':>8}"
+    head = f"{'bits':>4} {'np pack':>8} {'np unp':>8} {'np u out':>8}"
     for t in threads:
-        head += f" {f'pack {t}T':>8} {f'unp {t}T':>8} {f'x pk {t}T':>8} {f'x unp {t}T':>9}"
+        head += f" {f'pack {t}T':>8} {f'unp {t}T':>8} {f'u out {t}T':>9}"
+        head += f" {f'x pk {t}T':>8} {f'x unp {t}T':>9} {f'x out {t}T':>9}"
     head += f" {'max x pk':>8} {'max x unp':>9}"
     print(head)
     rows_out = []
@@ -151,18 +168,21 @@ def main() -> int:
         codes = make_codes(a.rows, a.cols, bits)
         packed = np_pack(codes, bits)
         gb = packed.nbytes / 1e9
+        buf = np.empty_like(codes)
         npk = best_s(lambda c=codes, b=bits: np_pack(c, b), a.reps)
         npu = best_s(lambda p=packed, b=bits: np_unpack(p, b), a.reps)
-        if not np.array_equal(np_unpack(packed, bits), codes):
+        npo = best_s(lambda p=packed, b=bits, o=buf: np_unpack(p, b, out=o), a.reps)
+        if not np.array_equal(np_unpack(packed, bits), codes) or not np.array_equal(buf, codes):
             raise SystemExit(f"{bits}-bit: NumPy reference does not round-trip")
         floor_pk = best_s(lambda p=packed: np.empty(p.shape, np.int32).fill(1), a.reps)
         floor_unp = best_s(lambda c=codes: np.empty(c.shape, np.uint8).fill(1), a.reps)
-        line = f"{bits:>4} {gb / npk:>8.3f} {gb / npu:>8.3f}"
+        line = f"{bits:>4} {gb / npk:>8.3f} {gb / npu:>8.3f} {gb / npo:>8.3f}"
         entry: dict[str, Any] = {
             "bits": bits,
             "packed_bytes": packed.nbytes,
             "numpy_pack_s": npk,
             "numpy_unpack_s": npu,
+            "numpy_unpack_out_s": npo,
             "fresh_fill_pack_out_s": floor_pk,
             "fresh_fill_unpack_out_s": floor_unp,
             "exl2rs": {},
@@ -170,13 +190,17 @@ def main() -> int:
         for t in threads:
             r = runs[t][str(bits)]
             line += f" {gb / r['pack_s']:>8.2f} {gb / r['unpack_s']:>8.2f}"
+            line += f" {gb / r['unpack_out_s']:>9.2f}"
             line += f" {npk / r['pack_s']:>7.1f}x {npu / r['unpack_s']:>8.1f}x"
+            line += f" {npo / r['unpack_out_s']:>8.1f}x"
             entry["exl2rs"][str(t)] = {
                 **r,
                 "pack_gbps": gb / r["pack_s"],
                 "unpack_gbps": gb / r["unpack_s"],
+                "unpack_out_gbps": gb / r["unpack_out_s"],
                 "pack_vs_numpy": npk / r["pack_s"],
                 "unpack_vs_numpy": npu / r["unpack_s"],
+                "unpack_out_vs_numpy_out": npo / r["unpack_out_s"],
             }
         line += f" {npk / floor_pk:>7.1f}x {npu / floor_unp:>8.1f}x"
         print(line)

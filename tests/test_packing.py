@@ -249,3 +249,63 @@ def test_gptq_dequantize_3bit_straddling_rows() -> None:
     s = t.scales.astype(np.float32)[g_idx]
     want = s * (codes.astype(np.float32) - zeros[g_idx].astype(np.float32))
     np.testing.assert_array_equal(t.dequantize(), want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_unpack_columns_into_out(bits: int) -> None:
+    """``out=`` is filled in place and returned; reusing it overwrites every code, including
+    columns off the 64-column tile and outputs large enough to use streaming stores."""
+    rng = np.random.default_rng(100 + bits)
+    for rows, cols in [(RPB[bits], 7), (4 * RPB[bits], 130), (2048 // RPB[bits] * RPB[bits], 2048)]:
+        codes = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+        packed = pk.pack_columns(codes, bits)
+        out = np.full((rows, cols), 0xAA, dtype=np.uint8)
+        got = pk.unpack_columns(packed, bits, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, codes)
+        other = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+        assert pk.unpack_columns(pk.pack_columns(other, bits), bits, out) is out
+        np.testing.assert_array_equal(out, other)
+    # A big output (> the streaming threshold) at an odd address: a slice of a larger buffer.
+    rows, cols = 4096 // RPB[bits] * RPB[bits], 4096
+    codes = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+    buf = np.zeros(rows * cols + 64, dtype=np.uint8)
+    out = buf[17 : 17 + rows * cols].reshape(rows, cols)
+    assert pk.unpack_columns(pk.pack_columns(codes, bits), bits, out) is out
+    np.testing.assert_array_equal(out, codes)
+    assert not buf[:17].any() and not buf[17 + rows * cols :].any()
+
+
+def test_unpack_columns_out_errors() -> None:
+    codes = np.zeros((16, 64), dtype=np.uint8)
+    packed = pk.pack_columns(codes, 2)
+    want = r"does not match the expected \[16, 64\]"
+    cases: list[tuple[object, str]] = [
+        (np.zeros((16, 63), np.uint8), r"out: shape \[16, 63\] " + want),
+        (np.zeros((64, 16), np.uint8), r"out: shape \[64, 16\] " + want),
+        (np.zeros(16 * 64, np.uint8), r"out: shape \[1024\] " + want),
+        (np.zeros((16, 64), np.int8), r"out: dtype int8 does not match: expected a C-contiguous"),
+        (np.zeros((16, 64), np.int32), r"out: dtype int32 does not match"),
+        (np.zeros((64, 16), np.uint8).T, r"out: the array of shape \[16, 64\] is not C-contiguous"),
+        (np.zeros((16, 128), np.uint8)[:, ::2], r"is not C-contiguous"),
+        ([[0] * 64] * 16, r"out: expected a C-contiguous, writeable uint8 array .* got list"),
+        (torch.zeros((16, 64), dtype=torch.uint8), r"out: expected .* got Tensor"),
+    ]
+    for out, msg in cases:
+        with pytest.raises(PackError, match=msg):
+            pk.unpack_columns(packed, 2, out=out)  # type: ignore[arg-type]
+    ro = np.zeros((16, 64), np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(PackError, match=r"out: the array of shape \[16, 64\] is read-only"):
+        pk.unpack_columns(packed, 2, out=ro)
+    # 8-bit codes need exactly the packed words' bytes: an out aliasing `packed` is refused.
+    packed8 = pk.pack_columns(np.zeros((4, 8), np.uint8), 8)
+    alias = packed8.view(np.uint8).reshape(4, 8)
+    with pytest.raises(PackError, match="out: the array shares memory with `packed`"):
+        pk.unpack_columns(packed8, 8, out=alias)
+    # The width and the packed shape are checked before `out`, so the message names the cause.
+    with pytest.raises(PackError, match="unsupported bit width 7"):
+        pk.unpack_columns(packed, 7, out=np.zeros((16, 64), np.uint8))
+    with pytest.raises(PackError, match=r"packed: shape \[2, 64\] .* multiple of 3"):
+        pk.unpack_columns(np.zeros((2, 64), np.int32), 3, out=np.zeros((21, 64), np.uint8))
+    assert issubclass(PackError, Exl2Error)

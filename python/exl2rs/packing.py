@@ -83,9 +83,16 @@ def pack_columns(codes: ArrayLike, bits: int) -> npt.NDArray[np.int32]:
     return _core.pack_columns(_np(codes, "codes", 2, "i"), bits)
 
 
-def unpack_columns(packed: ArrayLike, bits: int) -> npt.NDArray[np.uint8]:
-    """Inverse of :func:`pack_columns`."""
-    return _core.unpack_columns(_i32(packed, "packed", 2), bits)
+def unpack_columns(
+    packed: ArrayLike, bits: int, out: npt.NDArray[np.uint8] | None = None
+) -> npt.NDArray[np.uint8]:
+    """Inverse of :func:`pack_columns`: ``[qrows, cols]`` words to ``[qrows*32/bits, cols]``
+    uint8 codes.
+
+    With ``out`` (a C-contiguous, writeable uint8 NumPy array of exactly that shape) the codes
+    are written into it and it is returned: reusing one buffer skips allocating and
+    first-touching a new array, which for 2/3-bit codes costs more than the unpacking."""
+    return _core.unpack_columns(_i32(packed, "packed", 2), bits, out)
 
 
 def exl2_layout(

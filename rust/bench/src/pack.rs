@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use exl2rs_core::pack::{
-    pack_columns, pack_columns_with, rows_per_block, unpack_columns_with, Isa, EXL2_BITS,
+    pack_columns, pack_columns_with, rows_per_block, unpack_columns, unpack_columns_with, Isa,
+    Stores, EXL2_BITS,
 };
 use serde_json::json;
 
@@ -102,12 +103,24 @@ pub fn run(args: &[String]) -> i32 {
     let best = Isa::detect();
     println!(
         "GB/s = packed bytes per second; pack/unpack: validated, into reused buffers, with the \
-         {best:?} kernels; port = the portable fallback kernels; api = pack_columns with a \
-         fresh output; ratio = pack / naive scalar packer (1 thread)\n"
+         {best:?} kernels (unpack: default stores, streaming from {} MiB of output; unp cache / \
+         unp strm: forced); port = the portable fallback kernels; api pk / api unp = \
+         pack_columns / unpack_columns returning a fresh Vec; ratio = pack / naive scalar \
+         packer (1 thread)\n",
+        exl2rs_core::pack::STREAM_MIN_BYTES >> 20
     );
     let mut head = format!("{:>5} {:>10}", "bits", "naive GB/s");
     for t in &o.threads {
-        for name in ["pack", "unpack", "pack port", "unp port", "api"] {
+        for name in [
+            "pack",
+            "unpack",
+            "unp cache",
+            "unp strm",
+            "pack port",
+            "unp port",
+            "api pk",
+            "api unp",
+        ] {
             head += &format!(" {:>11}", format!("{name} {t}T"));
         }
     }
@@ -135,7 +148,7 @@ pub fn run(args: &[String]) -> i32 {
                 .num_threads(t)
                 .build()
                 .expect("thread pool");
-            let mut secs = |isa: Isa| {
+            let mut secs = |isa: Isa, stores: Stores| {
                 let tp = pool.install(|| {
                     best_secs(o.reps, || {
                         pack_columns_with(isa, &codes, kb, n, b, &mut out).expect("valid")
@@ -148,30 +161,43 @@ pub fn run(args: &[String]) -> i32 {
                 back.fill(0);
                 let tu = pool.install(|| {
                     best_secs(o.reps, || {
-                        unpack_columns_with(isa, &out, packed_len / n, n, b, &mut back)
+                        unpack_columns_with(isa, stores, &out, packed_len / n, n, b, &mut back)
                             .expect("valid")
                     })
                 });
-                assert_eq!(back, codes, "{b}-bit {isa:?}: unpack(pack(x)) != x");
+                assert_eq!(
+                    back, codes,
+                    "{b}-bit {isa:?} {stores:?}: unpack(pack(x)) != x"
+                );
                 (tp, tu)
             };
-            let (tp, tu) = secs(best);
-            let (pp, pu) = secs(Isa::Portable);
-            // The public entry point: fused range check + fresh output allocation + packing.
+            let (tp, tu) = secs(best, Stores::Auto);
+            let (_, tuc) = secs(best, Stores::Cached);
+            let (_, tus) = secs(best, Stores::Streaming);
+            let (pp, pu) = secs(Isa::Portable, Stores::Auto);
+            // The public entry points: validation + fresh output allocation + the kernel.
             let ta = pool.install(|| {
                 best_secs(o.reps, || {
                     std::hint::black_box(pack_columns(&codes, kb, n, b).expect("valid"));
                 })
             });
+            let tau = pool.install(|| {
+                best_secs(o.reps, || {
+                    std::hint::black_box(
+                        unpack_columns(&naive_out, packed_len / n, n, b).expect("valid"),
+                    );
+                })
+            });
             if t == 1 {
                 ratio = naive / tp;
             }
-            for x in [tp, tu, pp, pu, ta] {
+            for x in [tp, tu, tuc, tus, pp, pu, ta, tau] {
                 line += &format!(" {:>11.2}", gb / x);
             }
             per_thread.push(json!({"threads": t, "isa": format!("{best:?}"),
-                "pack_s": tp, "unpack_s": tu, "portable_pack_s": pp, "portable_unpack_s": pu,
-                "api_pack_s": ta, "pack_gbps": gb / tp, "unpack_gbps": gb / tu}));
+                "pack_s": tp, "unpack_s": tu, "unpack_cached_s": tuc, "unpack_streaming_s": tus,
+                "portable_pack_s": pp, "portable_unpack_s": pu, "api_pack_s": ta,
+                "api_unpack_s": tau, "pack_gbps": gb / tp, "unpack_gbps": gb / tu}));
         }
         line += &format!(" {ratio:>9.1}x");
         println!("{line}");

@@ -2,8 +2,9 @@
 //! has (the portable fallback always, AVX2 where detected), for every code integer type,
 //! with column counts off the tile width and several parallel tasks; and the fused range
 //! check, which must name the first bad code wherever it sits (tile body or scalar tail).
+//! The unpackers run with cached and streaming stores into outputs at every alignment.
 use exl2rs_core::pack::{
-    pack_columns_with, rows_per_block, unpack_columns_with, Code, Isa, PackError, EXL2_BITS,
+    pack_columns_with, rows_per_block, unpack_columns_with, Code, Isa, PackError, Stores, EXL2_BITS,
 };
 use proptest::prelude::*;
 
@@ -77,10 +78,65 @@ fn check_all(codes: &[u8], rows: usize, cols: usize, bits: u32, want: &[i32]) {
                 "{isa:?} i8"
             );
         }
-        let mut back = vec![0xAAu8; codes.len()];
-        unpack_columns_with(isa, want, want.len() / cols, cols, bits, &mut back).unwrap();
-        assert_eq!(back, codes, "{isa:?} unpack");
+        for stores in [Stores::Cached, Stores::Streaming, Stores::Auto] {
+            let mut back = vec![0xAAu8; codes.len()];
+            unpack_columns_with(isa, stores, want, want.len() / cols, cols, bits, &mut back)
+                .unwrap();
+            assert_eq!(back, codes, "{isa:?} {stores:?} unpack");
+        }
     }
+}
+
+/// Bit j of code i of column n is bit (i·b + j) of the column's stream.
+fn reference_unpack(words: &[i32], qrows: usize, cols: usize, bits: usize) -> Vec<u8> {
+    let rows = qrows * 32 / bits;
+    let mut out = vec![0u8; rows * cols];
+    for r in 0..rows {
+        for n in 0..cols {
+            for j in 0..bits {
+                let bit = r * bits + j;
+                if (words[(bit / 32) * cols + n] as u32 >> (bit % 32)) & 1 == 1 {
+                    out[r * cols + n] |= 1 << j;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Unpacks arbitrary words (every bit pattern is a valid packed matrix) into an output that
+/// starts `offset` bytes into a buffer, so row starts take every alignment, with guard bytes
+/// on both sides that must survive.
+fn check_unpack(words: &[i32], qrows: usize, cols: usize, bits: u32, offset: usize) {
+    let want = reference_unpack(words, qrows, cols, bits as usize);
+    for isa in isas() {
+        for stores in [Stores::Cached, Stores::Streaming, Stores::Auto] {
+            let mut buf = vec![0x5Au8; want.len() + offset + 64];
+            let out = &mut buf[offset..offset + want.len()];
+            unpack_columns_with(isa, stores, words, qrows, cols, bits, out).unwrap();
+            assert!(
+                out == want.as_slice(),
+                "{isa:?} {stores:?} {bits}-bit {qrows}x{cols} at +{offset}"
+            );
+            assert!(buf[..offset].iter().all(|&b| b == 0x5A), "guard before");
+            assert!(
+                buf[offset + want.len()..].iter().all(|&b| b == 0x5A),
+                "guard after"
+            );
+        }
+    }
+}
+
+fn lcg_words(n: usize, seed: u64) -> Vec<i32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 32) as u32 as i32
+        })
+        .collect()
 }
 
 fn lcg_codes(n: usize, bits: u32, seed: u64) -> Vec<u8> {
@@ -111,6 +167,22 @@ proptest! {
         let codes = lcg_codes(rows * cols, bits, seed);
         let want = reference_pack(&codes, rows, cols, bits as usize);
         check_all(&codes, rows, cols, bits, &want);
+    }
+
+    /// Unpacking random words on every ISA and store kind: short matrices (one block), column
+    /// counts below, at and across the 64-column tile and multiples of 64 (where streaming
+    /// applies), output starts at every alignment.
+    #[test]
+    fn unpack_kernels_match_reference(
+        bits in prop::sample::select(EXL2_BITS.to_vec()),
+        blocks in 1usize..5,
+        cols in prop_oneof![1usize..8, 31usize..34, 60usize..70, 100usize..200,
+                            (1usize..5).prop_map(|m| 64 * m)],
+        offset in 0usize..64,
+        seed in any::<u64>(),
+    ) {
+        let qrows = blocks * exl2rs_core::pack::bits::words_per_block(bits);
+        check_unpack(&lcg_words(qrows * cols, seed), qrows, cols, bits, offset);
     }
 
     /// One bad code anywhere: every ISA reports that code (the first one in row-major order).
@@ -170,6 +242,21 @@ fn wide_values_are_not_truncated() {
             err.starts_with(&format!("codes[0, 0] = {} ", u64::MAX)),
             "{err}"
         );
+    }
+}
+
+/// Large streaming outputs split over several Rayon tasks, aligned and not, with a column
+/// count that streams (a multiple of 64) and one that does not.
+#[test]
+fn wide_unpack_streams_on_every_isa() {
+    for bits in EXL2_BITS {
+        let wpb = exl2rs_core::pack::bits::words_per_block(bits);
+        for (qrows, cols) in [(70 * wpb, 1024), (3 * wpb, 5120), (7 * wpb, 2048 + 37)] {
+            let words = lcg_words(qrows * cols, u64::from(bits));
+            for offset in [0, 16, 33] {
+                check_unpack(&words, qrows, cols, bits, offset);
+            }
+        }
     }
 }
 

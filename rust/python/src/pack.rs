@@ -5,12 +5,12 @@
 use std::borrow::Cow;
 
 use exl2rs_core::pack::{
-    self as core, Exl2Packed, Exl2Tensors, GptqPacked, GptqTensors, GroupLayout,
+    self as core, Exl2Packed, Exl2Tensors, GptqPacked, GptqTensors, GroupLayout, Isa, Stores,
 };
 use numpy::ndarray::{Array1, Array2, Dimension};
 use numpy::{
-    Element, IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray, PyReadonlyArray1,
-    PyReadonlyArray2, PyUntypedArrayMethods,
+    BorrowError, Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods,
+    PyReadonlyArray, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -191,27 +191,82 @@ fn pack_columns<'py>(
     Ok(out)
 }
 
-/// Unpacks `[qrows, cols]` int32 words into `[qrows·32/bits, cols]` uint8 codes.
+/// Checks a caller's `out=` array: exactly `[rows, cols]` uint8, C-contiguous. (Writeable and
+/// not overlapping an input is checked when it is borrowed for writing.)
+fn out_array<'py>(
+    out: &Bound<'py, PyAny>,
+    shape: [usize; 2],
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let want = format!(
+        "a C-contiguous, writeable uint8 array of shape [{}, {}]",
+        shape[0], shape[1]
+    );
+    let Ok(arr) = out.cast::<PyUntypedArray>() else {
+        return Err(PackError::new_err(format!(
+            "out: expected {want}, got {}",
+            out.get_type().name()?
+        )));
+    };
+    if !arr.dtype().is_equiv_to(&numpy::dtype::<u8>(out.py())) {
+        return Err(PackError::new_err(format!(
+            "out: dtype {} does not match: expected {want}",
+            arr.dtype()
+        )));
+    }
+    if arr.shape() != shape {
+        return Err(PackError::new_err(format!(
+            "out: shape {:?} does not match the expected [{}, {}]",
+            arr.shape(),
+            shape[0],
+            shape[1]
+        )));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(PackError::new_err(format!(
+            "out: the array of shape {:?} is not C-contiguous (strides {:?}): expected {want}",
+            arr.shape(),
+            arr.strides()
+        )));
+    }
+    Ok(arr.cast::<PyArray2<u8>>()?.clone())
+}
+
+/// Unpacks `[qrows, cols]` int32 words into `[qrows·32/bits, cols]` uint8 codes, into `out`
+/// when given (checked, filled in place and returned) or a fresh NumPy array. Large `out`
+/// buffers are written with streaming stores (see `exl2rs_core::pack::Stores::Auto`).
 #[pyfunction]
+#[pyo3(signature = (packed, bits, out=None))]
 fn unpack_columns<'py>(
     py: Python<'py>,
     packed: PyReadonlyArray2<'py, i32>,
     bits: u32,
+    out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (qrows, cols) = (packed.shape()[0], packed.shape()[1]);
-    let p = elems(&packed);
-    let rows = if matches!(bits, 2..=8) {
-        qrows * 32 / bits as usize
-    } else {
-        0
+    let rows = core::unpacked_rows(qrows, cols, bits).map_err(to_py)?;
+    let fresh = out.is_none();
+    let out = match out {
+        Some(o) => out_array(&o, [rows, cols])?,
+        None => PyArray2::<u8>::zeros(py, [rows, cols], false),
     };
-    let out = PyArray2::<u8>::zeros(py, [rows, cols], false);
+    let p = elems(&packed);
     {
-        let mut rw = out.readwrite();
+        let mut rw = out.try_readwrite().map_err(|e| {
+            PackError::new_err(match e {
+                BorrowError::NotWriteable => {
+                    format!("out: the array of shape [{rows}, {cols}] is read-only")
+                }
+                _ => "out: the array shares memory with `packed` (or is borrowed elsewhere)"
+                    .to_string(),
+            })
+        })?;
         let dst = rw
             .as_slice_mut()
-            .expect("a fresh C-ordered array is contiguous");
-        py.detach(|| core::unpack_columns_to(&p, qrows, cols, bits, dst))
+            .expect("a C-contiguous array is one slice");
+        // A fresh array's pages are first touched by the unpacker: ordinary stores are faster
+        // there; a caller's buffer gets the default (streaming when large).
+        let stores = if fresh { Stores::Cached } else { Stores::Auto };
+        py.detach(|| core::unpack_columns_with(Isa::detect(), stores, &p, qrows, cols, bits, dst))
             .map_err(to_py)?;
     }
     Ok(out)

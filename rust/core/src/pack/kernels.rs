@@ -92,7 +92,7 @@ impl Isa {
 }
 
 /// Rows per group and words (= bytes per group) for a width.
-const fn shape(bits: usize) -> (usize, usize) {
+pub(super) const fn shape(bits: usize) -> (usize, usize) {
     match bits {
         2 => (4, 1),
         3 => (8, 3),
@@ -248,16 +248,25 @@ fn unpack_blocks<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {
             }
         }
         for c in full..cols {
-            let mut words = [0u32; 6]; // one spare word: the straddling read needs no branch
-            for (wi, x) in words[..w].iter_mut().enumerate() {
-                *x = blk[wi * cols + c] as u32;
-            }
-            for i in 0..r {
-                let (wd, s) = (i * B / 32, i * B % 32);
-                let pair = u64::from(words[wd]) | u64::from(words[wd + 1]) << 32;
-                dst[i * cols + c] = (pair >> s) as u8 & mask;
-            }
+            unpack_column::<B>(blk, cols, c, dst);
         }
+    }
+}
+
+/// Unpacks column `c` of one block (`blk`: `[W, cols]` words, `dst`: `[R, cols]` codes), one
+/// code at a time: the path for columns outside whole tiles.
+#[inline(always)]
+pub(super) fn unpack_column<const B: usize>(blk: &[i32], cols: usize, c: usize, dst: &mut [u8]) {
+    let (g, w) = shape(B);
+    let mask = ((1u16 << B) - 1) as u8;
+    let mut words = [0u32; 6]; // one spare word: the straddling read needs no branch
+    for (wi, x) in words[..w].iter_mut().enumerate() {
+        *x = blk[wi * cols + c] as u32;
+    }
+    for i in 0..4 * g {
+        let (wd, s) = (i * B / 32, i * B % 32);
+        let pair = u64::from(words[wd]) | u64::from(words[wd + 1]) << 32;
+        dst[i * cols + c] = (pair >> s) as u8 & mask;
     }
 }
 
@@ -301,12 +310,6 @@ fn unpack_portable<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) 
     unpack_blocks::<B>(packed, cols, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn unpack_avx2<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) {
-    unpack_blocks::<B>(packed, cols, out)
-}
-
 /// Packs whole blocks sequentially with `isa`, returning the OR of all codes.
 /// `isa` must be [`Isa::available`]; `bits` an EXL2 width; shapes whole blocks.
 pub(crate) fn pack_seq<T: Code>(
@@ -321,16 +324,43 @@ pub(crate) fn pack_seq<T: Code>(
     dispatch!(isa, bits, pack_portable, pack_avx2, [T], (codes, cols, out))
 }
 
-/// Unpacks whole blocks sequentially with `isa` (see [`pack_seq`]).
-pub(crate) fn unpack_seq(isa: Isa, bits: u32, packed: &[i32], cols: usize, out: &mut [u8]) {
+/// Unpacks whole blocks sequentially with `isa` (see [`pack_seq`]). `stream` asks for
+/// non-temporal stores; the AVX2 kernel honours it where the layout allows (see
+/// `unpack_avx2`), the portable one always stores through the cache.
+pub(crate) fn unpack_seq(
+    isa: Isa,
+    bits: u32,
+    packed: &[i32],
+    cols: usize,
+    out: &mut [u8],
+    stream: bool,
+) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
-    // SAFETY (AVX2 arms): availability is asserted above.
-    dispatch!(
-        isa,
-        bits,
-        unpack_portable,
-        unpack_avx2,
-        [],
-        (packed, cols, out)
-    )
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        use super::unpack_avx2::unpack;
+        // SAFETY: AVX2 availability is asserted above.
+        unsafe {
+            match bits {
+                2 => unpack::<2>(packed, cols, out, stream),
+                3 => unpack::<3>(packed, cols, out, stream),
+                4 => unpack::<4>(packed, cols, out, stream),
+                5 => unpack::<5>(packed, cols, out, stream),
+                6 => unpack::<6>(packed, cols, out, stream),
+                8 => unpack::<8>(packed, cols, out, stream),
+                _ => unreachable!("bit width validated by the caller"),
+            }
+        }
+        return;
+    }
+    let _ = stream;
+    match bits {
+        2 => unpack_portable::<2>(packed, cols, out),
+        3 => unpack_portable::<3>(packed, cols, out),
+        4 => unpack_portable::<4>(packed, cols, out),
+        5 => unpack_portable::<5>(packed, cols, out),
+        6 => unpack_portable::<6>(packed, cols, out),
+        8 => unpack_portable::<8>(packed, cols, out),
+        _ => unreachable!("bit width validated by the caller"),
+    }
 }
