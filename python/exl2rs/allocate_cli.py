@@ -51,9 +51,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", type=float, default=None, help="exponent of the 'norm' objective")
     p.add_argument(
         "--scale",
-        choices=("raw", "relative"),
-        default="relative",
-        help="per-linear error: raw tr(dW H dW^T) or relative to tr(W H W^T)",
+        choices=("raw", "relative", "fisher", "auto"),
+        default="auto",
+        help="per-linear error: raw tr(dW H dW^T), relative to tr(W H W^T), fisher (x the "
+        "linear's measured sensitivity), auto (fisher when measured, else relative)",
     )
     p.add_argument("--fuse", action="store_true", help="tie q/k/v and gate/up to one config")
     p.add_argument(

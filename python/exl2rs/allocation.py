@@ -24,11 +24,14 @@ ObjectiveName = Literal["sum", "weighted", "norm", "minimax"]
 SOLVERS: tuple[SolverName, ...] = ("exact", "greedy", "lagrangian", "anneal", "minimax")
 
 
-# Per-linear error the allocator minimises by default: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ). On the full
-# SmolLM2 (benches/RESULTS.md, "Objective"), raw errors grow with the residual stream's depth,
-# so minimising their sum starved the early layers (2.3 bpw at a 3.0 target) and lost to uniform
-# GPTQ; the relative sum was the best allocation at 3.0 and 4.0 bpw.
-DEFAULT_SCALE: Literal["raw", "relative"] = "relative"
+# Per-linear error the allocator minimises by default ("auto"): sensitivity · tr(ΔW H ΔWᵀ), the
+# empirical-Fisher estimate of the calibration loss each error adds ("fisher"), for measurements
+# that record sensitivities, else tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) ("relative"). On the full SmolLM2
+# (benches/RESULTS.md, "Quality"): raw sums starved the early layers (errors grow with the
+# residual stream's depth); relative sums over-weight v_proj/k_proj (small outputs) and lost to
+# uniform GPTQ at 3.5 bpw; the Fisher-weighted sum beat both and uniform at every target.
+ErrorScaleName = Literal["raw", "relative", "fisher", "auto"]
+DEFAULT_SCALE: ErrorScaleName = "auto"
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ def _choices(problem: Problem, sol: Solution, source: object) -> list[ItemChoice
 def as_problem(
     source: Problem | Measurement | Exl2Measurement | str | Path,
     *,
-    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
+    scale: ErrorScaleName = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,
@@ -300,7 +303,7 @@ def allocate(
     objective: ObjectiveName = "sum",
     norm: float | None = None,
     seed: int = 0,
-    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
+    scale: ErrorScaleName = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,
@@ -366,7 +369,7 @@ def frontier(
     objective: ObjectiveName = "sum",
     norm: float | None = None,
     seed: int = 0,
-    scale: Literal["raw", "relative"] = DEFAULT_SCALE,
+    scale: ErrorScaleName = DEFAULT_SCALE,
     fuse: bool = False,
     modules: bool = False,
     dims: Mapping[str, int] | None = None,

@@ -199,6 +199,12 @@ def shared_measurement(
             and m.calibration_hash == calibration_hash(tokens)
             and m.candidates_hash == default_candidates(overrides).digest()
         ):
+            if not m.has_sensitivities:  # measured before exl2rs recorded them
+                from exl2rs.measure import DEFAULT_SENSITIVITY_TOKENS
+                from exl2rs.sensitivity import add_sensitivities
+
+                sens_rows = max(1, DEFAULT_SENSITIVITY_TOKENS // tokens.shape[1])
+                add_sensitivities(native, model, tokens[:sens_rows], progress=progress)
             return native, float(json.loads(sidecar.read_text())["seconds"]), True
     t0 = time.perf_counter()
     measure(

@@ -57,6 +57,9 @@ MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 MIN_BEST_ACCURACY = 0.1
 # Calibration tokens on which the 19 + 17 joint table rows are scored (see ``measure``).
 DEFAULT_MODULE_TOKENS = 4096
+# Tokens for the sensitivity pass: a per-linear scalar needs far fewer than the Hessians, and the
+# pass costs ~3 forward passes over them.
+DEFAULT_SENSITIVITY_TOKENS = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,6 +701,7 @@ def measure(
     on_layer_done: Callable[[int], None] | None = None,
     module_tokens: int | None = DEFAULT_MODULE_TOKENS,
     workers: int | None = None,
+    sensitivity_tokens: int | None = DEFAULT_SENSITIVITY_TOKENS,
 ) -> Path:
     """Measure ``model_dir`` and write the native measurement file to ``out_path``.
 
@@ -719,6 +723,11 @@ def measure(
     identical for every ``workers`` / ``threads`` choice on one machine.
     ``on_layer_done(i)`` runs after layer ``i`` is checkpointed.
 
+    Sensitivities (:mod:`exl2rs.sensitivity`, the default allocation objective's per-linear
+    weights) come from one streamed forward + backward pass over the first calibration rows
+    holding about ``sensitivity_tokens`` tokens (at least one row), after the last layer;
+    ``None`` skips them (the allocator then falls back to relative errors).
+
     Token budget: Hessians and the reference forward (which produces the next layer's states) use
     every calibration token. The joint table rows (19 attention + 17 MLP module forwards per
     layer, used only for exllamav2's ``accuracy`` = 1 − mean relative output error) are scored on
@@ -731,6 +740,8 @@ def measure(
     """
     if module_tokens is not None and module_tokens < 1:
         raise ValueError(f"module_tokens must be positive or None, got {module_tokens}")
+    if sensitivity_tokens is not None and sensitivity_tokens < 1:
+        raise ValueError(f"sensitivity_tokens must be positive or None, got {sensitivity_tokens}")
     dev = torch.device(device if device is not None else _default_device())
     cores = os.cpu_count() or 1
     if workers is None:
@@ -760,6 +771,7 @@ def measure(
             on_layer_done=on_layer_done,
             module_tokens=module_tokens,
             workers=workers,
+            sensitivity_tokens=sensitivity_tokens,
         )
     finally:
         torch.set_num_threads(saved_threads)
@@ -781,6 +793,7 @@ def _measure(
     on_layer_done: Callable[[int], None] | None,
     module_tokens: int | None,
     workers: int,
+    sensitivity_tokens: int | None,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -914,6 +927,17 @@ def _measure(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
+    if sensitivity_tokens is not None and (job is None or "sensitivity" not in job):
+        from exl2rs.sensitivity import linear_sensitivities
+
+        sens_rows = tokens[: max(1, sensitivity_tokens // tokens.shape[1])]
+        sens = linear_sensitivities(sm, sens_rows, progress=progress)
+        for rec in linears_out:
+            rec["sensitivity"] = sens[rec["name"]]
+        if job is not None:  # checkpointed: a rerun after a kill goes straight to the file
+            job = {**job, "linears": linears_out, "sensitivity": True}
+            _write_job(job_path, job)
+
     cfg = sm.config
     arch = (getattr(cfg, "architectures", None) or [type(cfg).__name__])[0]
     native = {
@@ -987,6 +1011,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "attention prefix / spread MLP positions of every row; 0 = all tokens. Hessians and the "
         f"reference states always use all tokens (default {DEFAULT_MODULE_TOKENS})",
     )
+    parser.add_argument(
+        "--sensitivity-tokens",
+        dest="sensitivity_tokens",
+        type=int,
+        default=DEFAULT_SENSITIVITY_TOKENS,
+        help="calibration tokens (whole rows, at least one) of the sensitivity pass that weights "
+        f"the default allocation objective; 0 = no sensitivities (default "
+        f"{DEFAULT_SENSITIVITY_TOKENS})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -1014,6 +1047,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             module_tokens=args.module_tokens or None,
             workers=args.workers,
+            sensitivity_tokens=args.sensitivity_tokens or None,
         )
     except Exl2Error as exc:
         print(f"exl2rs measure: error: {exc}", file=sys.stderr)

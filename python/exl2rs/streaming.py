@@ -378,6 +378,83 @@ class StreamingModel:
 
         return self._run(states, i, self.adapter.layer_name(i), fn)
 
+    # -- backward passes (sensitivities) -----------------------------------------------------
+
+    def _head(self, h: torch.Tensor, norm: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = norm(h) @ weight.T
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def head_loss_grad(
+        self, states: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
+        """Summed next-token cross-entropy of ``input_ids`` from the final ``states`` (before
+        the final norm), and its gradient with respect to those states (CPU fp32)."""
+        if states.shape[:2] != input_ids.shape:
+            raise ModelError(
+                f"head_loss_grad: states {tuple(states.shape)} do not match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        norm, weight = self._final_norm(), self._head_weight()
+        grad = torch.zeros(states.shape, dtype=torch.float32)
+        total = 0.0
+        for rows in self._chunks(states):
+            h = states[rows].to(self.device, torch.float32).requires_grad_(True)
+            with torch.enable_grad():
+                logits = self._head(h, norm, weight)[:, :-1]
+                labels = input_ids[rows, 1:].to(self.device).long()
+                loss = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+                )
+                (g,) = torch.autograd.grad(loss, h)
+            total += float(loss.detach())
+            grad[rows] = g.cpu()
+        return total, grad
+
+    def block_vjp(
+        self,
+        block: nn.Module,
+        i: int,
+        states: torch.Tensor,
+        grad_out: torch.Tensor,
+        on_output_grad: Callable[[str, torch.Tensor], None],
+    ) -> torch.Tensor:
+        """Backward through decoder layer ``i``: from its input ``states`` and the gradient of
+        a loss with respect to its output, the gradient with respect to its input (CPU fp32).
+        ``on_output_grad(name, g)`` receives the gradient of each decoder linear's output,
+        chunk by chunk (``name`` as from :meth:`linear_names`)."""
+        if grad_out.shape != states.shape:
+            raise ModelError(
+                f"block_vjp: grad {tuple(grad_out.shape)} does not match states "
+                f"{tuple(states.shape)}"
+            )
+        hooks = []
+        for name in self.linear_names(i):
+
+            def capture(_m: nn.Module, _x: Any, y: torch.Tensor, name: str = name) -> None:
+                y.register_hook(lambda g: on_output_grad(name, g))  # type: ignore[no-untyped-call]
+
+            hooks.append(self.linear(block, name).register_forward_hook(capture))
+        grad_in = torch.empty(states.shape, dtype=torch.float32)
+        try:
+            for rows in self._chunks(states):
+                x = states[rows].to(self.device, torch.float32).requires_grad_(True)
+                rope, mask, position_ids = self._context(x, i)
+                with torch.enable_grad():
+                    y = block(
+                        x, attention_mask=mask, position_embeddings=rope, position_ids=position_ids
+                    )
+                    y = y[0] if isinstance(y, tuple) else y
+                    (g,) = torch.autograd.grad(y, x, grad_out[rows].to(self.device))
+                grad_in[rows] = g.cpu()
+        finally:
+            for h in hooks:
+                h.remove()
+        _check_finite(grad_in, f"input gradient of {self.adapter.layer_name(i)}")
+        return grad_in
+
     def head_logits(self, states: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head (+ Gemma's logit softcapping): fp32 logits on the CPU."""
         if states.dim() != 3 or states.shape[-1] != self.config.hidden_size:
@@ -388,15 +465,11 @@ class StreamingModel:
         _check_finite(states, "input states of the head")
         norm = self._final_norm()
         weight = self._head_weight()
-        softcap = getattr(self.config, "final_logit_softcapping", None)
         out = torch.empty((*states.shape[:2], weight.shape[0]), dtype=torch.float32)
         with torch.no_grad():
             for rows in self._chunks(states):
-                h = norm(states[rows].to(self.device, torch.float32))
-                logits = h @ weight.T
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                out[rows] = logits.cpu()
+                h = states[rows].to(self.device, torch.float32)
+                out[rows] = self._head(h, norm, weight).cpu()
         return out
 
     def final_states(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,56 @@ fn relative_errors_divide_by_reference_energy() {
     assert!((p.items[6].options[1].error - 0.012).abs() < 1e-12);
 }
 
+fn scaled(m: &NativeMeasurement, scale: ErrorScale) -> Result<Vec<Vec<f64>>, MeasurementError> {
+    let opts = LinearProblemOptions {
+        scale,
+        fuse_shared_inputs: false,
+    };
+    Ok(m.linear_problem(opts)?
+        .items
+        .iter()
+        .map(|i| i.options.iter().map(|o| o.error).collect())
+        .collect())
+}
+
+#[test]
+fn fisher_errors_multiply_by_sensitivity_and_auto_prefers_them() {
+    let mut m = sample();
+    // The sample predates sensitivities: Fisher is refused naming the linear, Auto = Relative.
+    assert!(!m.has_sensitivities());
+    let msg = scaled(&m, ErrorScale::Fisher).unwrap_err().to_string();
+    assert!(msg.contains("model.layers.0.self_attn.q_proj"), "{msg}");
+    assert!(msg.contains("no sensitivity"), "{msg}");
+    assert_eq!(
+        scaled(&m, ErrorScale::Auto).unwrap(),
+        scaled(&m, ErrorScale::Relative).unwrap()
+    );
+    // One linear without a sensitivity still makes Auto fall back to relative errors.
+    for (i, l) in m.linears.iter_mut().enumerate() {
+        l.sensitivity = Some(0.5 + i as f64);
+    }
+    m.linears[3].sensitivity = None;
+    assert_eq!(m.resolve_scale(ErrorScale::Auto), ErrorScale::Relative);
+    m.linears[3].sensitivity = Some(3.5);
+    assert_eq!(m.resolve_scale(ErrorScale::Auto), ErrorScale::Fisher);
+    let fisher = scaled(&m, ErrorScale::Fisher).unwrap();
+    assert_eq!(scaled(&m, ErrorScale::Auto).unwrap(), fisher);
+    for (row, l) in fisher.iter().zip(&m.linears) {
+        for (e, o) in row.iter().zip(&l.options) {
+            assert_eq!(*e, l.sensitivity.unwrap() * o.err);
+        }
+    }
+    // The field survives a save/load round trip; a bad value is refused on load.
+    let back = NativeMeasurement::from_json_str(&m.to_json_string().unwrap()).unwrap();
+    assert_eq!(back, m);
+    m.linears[2].sensitivity = Some(f64::NAN);
+    let msg = m.validate("s.json").unwrap_err().to_string();
+    assert!(
+        msg.contains("s.json") && msg.contains("sensitivity = NaN"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn relative_error_with_zero_energy_names_the_linear() {
     let mut m = sample();

@@ -19,8 +19,10 @@ fn parse_scale(scale: &str) -> PyResult<ErrorScale> {
     match scale {
         "raw" => Ok(ErrorScale::Raw),
         "relative" => Ok(ErrorScale::Relative),
+        "fisher" => Ok(ErrorScale::Fisher),
+        "auto" => Ok(ErrorScale::Auto),
         other => Err(PyValueError::new_err(format!(
-            "unknown error scale {other:?}: expected 'raw' or 'relative'"
+            "unknown error scale {other:?}: expected 'raw', 'relative', 'fisher' or 'auto'"
         ))),
     }
 }
@@ -121,8 +123,24 @@ impl PyMeasurement {
         Ok(o.config)
     }
 
-    /// One item per linear; `scale` = "raw" (tr(ΔW H ΔWᵀ)) or "relative" (÷ tr(W H Wᵀ));
-    /// `fuse` ties q/k/v and gate/up to one config.
+    /// Whether every linear carries a sensitivity (the "fisher" scale is available).
+    #[getter]
+    fn has_sensitivities(&self) -> bool {
+        self.inner.has_sensitivities()
+    }
+
+    /// The scale `scale` means for this file ("auto" → "fisher" or "relative").
+    fn resolve_scale(&self, scale: &str) -> PyResult<&'static str> {
+        Ok(match self.inner.resolve_scale(parse_scale(scale)?) {
+            ErrorScale::Raw => "raw",
+            ErrorScale::Relative => "relative",
+            ErrorScale::Fisher | ErrorScale::Auto => "fisher",
+        })
+    }
+
+    /// One item per linear; `scale` = "raw" (tr(ΔW H ΔWᵀ)), "relative" (÷ tr(W H Wᵀ)),
+    /// "fisher" (× the linear's sensitivity) or "auto" (fisher when the file has
+    /// sensitivities, else relative); `fuse` ties q/k/v and gate/up to one config.
     #[pyo3(signature = (scale="raw", fuse=false))]
     fn linear_problem(&self, scale: &str, fuse: bool) -> PyResult<PyProblem> {
         let opts = LinearProblemOptions {

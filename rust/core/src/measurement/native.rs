@@ -65,6 +65,12 @@ pub struct LinearRecord {
     pub shared_input: Option<String>,
     /// tr(W H Wᵀ): the error of replacing W by zero, the scale for relative errors.
     pub ref_energy: f64,
+    /// Empirical Fisher of the linear's output: the mean over calibration tokens and output
+    /// channels of (∂ cross-entropy / ∂ output)². ½ · sensitivity · tr(ΔW H ΔWᵀ) approximates
+    /// the loss a quantization error adds, so errors of different layers become comparable.
+    /// Absent in files written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<f64>,
     /// Calibration tokens accumulated in H.
     pub samples: u64,
     pub options: Vec<LinearOption>,
@@ -328,6 +334,11 @@ impl NativeMeasurement {
                     l.ref_energy,
                     "a finite number >= 0",
                 ));
+            }
+            if let Some(v) = l.sensitivity {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(bad(source, &at, "sensitivity", v, "a finite number >= 0"));
+                }
             }
             if l.options.is_empty() {
                 return Err(MeasurementError::Invalid {

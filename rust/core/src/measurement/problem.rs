@@ -15,6 +15,12 @@ pub enum ErrorScale {
     Raw,
     /// tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): the share of the linear's output energy lost.
     Relative,
+    /// sensitivity · tr(ΔW H ΔWᵀ): the (empirical-Fisher) estimate of the loss the error adds;
+    /// needs every linear's `sensitivity`.
+    Fisher,
+    /// [`ErrorScale::Fisher`] when every linear has a sensitivity, else
+    /// [`ErrorScale::Relative`] (files measured before sensitivities existed).
+    Auto,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,12 +46,26 @@ fn item(name: &str, numel: u64, options: Vec<Opt>) -> Item {
 impl NativeMeasurement {
     /// One item per linear with `config` = the config index, so fused members tie on it.
     pub fn linear_problem(&self, opts: LinearProblemOptions) -> Result<Problem> {
+        let scale = self.resolve_scale(opts.scale);
         let mut items = Vec::with_capacity(self.linears.len());
         for l in &self.linears {
             let mut options = Vec::with_capacity(l.options.len());
             for o in &l.options {
-                let error = match opts.scale {
+                let error = match scale {
                     ErrorScale::Raw => o.err,
+                    ErrorScale::Fisher | ErrorScale::Auto => match l.sensitivity {
+                        Some(s) => s * o.err,
+                        None => {
+                            return Err(MeasurementError::Convert {
+                                context: format!("linear {:?}", l.name),
+                                message: "no sensitivity in this measurement (measured before \
+                                          exl2rs recorded them), so the Fisher scale is \
+                                          undefined; re-measure, or use the relative or raw \
+                                          error scale"
+                                    .into(),
+                            })
+                        }
+                    },
                     ErrorScale::Relative if l.ref_energy > 0.0 => o.err / l.ref_energy,
                     ErrorScale::Relative => {
                         return Err(MeasurementError::Convert {
@@ -68,6 +88,20 @@ impl NativeMeasurement {
             Vec::new()
         };
         Ok(Problem { items, groups })
+    }
+
+    /// Whether every linear carries a sensitivity (the Fisher scale is available).
+    pub fn has_sensitivities(&self) -> bool {
+        !self.linears.is_empty() && self.linears.iter().all(|l| l.sensitivity.is_some())
+    }
+
+    /// `Auto` resolved for this file; other scales as given.
+    pub fn resolve_scale(&self, scale: ErrorScale) -> ErrorScale {
+        match scale {
+            ErrorScale::Auto if self.has_sensitivities() => ErrorScale::Fisher,
+            ErrorScale::Auto => ErrorScale::Relative,
+            other => other,
+        }
     }
 
     /// Linear indices grouped by `shared_input`, groups of two or more only, in file order.

@@ -1,0 +1,102 @@
+"""Per-linear sensitivities (empirical Fisher of each linear's output) and their use as the
+default allocation weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exl2rs.errors import MeasurementError
+from exl2rs.sensitivity import linear_sensitivities
+from exl2rs.streaming import StreamingModel
+from test_quantize import VOCAB, small_llama
+
+
+def _reference(model_dir: Path, ids: torch.Tensor) -> dict[str, float]:
+    """The same quantity from the whole transformers model, autograd end to end."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+
+            def hook(_m: torch.nn.Module, _x: object, y: torch.Tensor, name: str = name) -> None:
+                def grad(g: torch.Tensor) -> None:
+                    sums[name] = sums.get(name, 0.0) + float(g.double().square().sum())
+                    counts[name] = counts.get(name, 0) + g.numel()
+
+                y.register_hook(grad)
+
+            mod.register_forward_hook(hook)
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    )
+    loss.backward()
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def test_streamed_sensitivities_match_whole_model_autograd(tmp_path: Path) -> None:
+    model = small_llama(tmp_path / "m", layers=3, seed=3)
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    sm = StreamingModel(model, chunk_tokens=48)  # 2 rows per chunk: exercises chunking
+    got = linear_sensitivities(sm, ids)
+    want = _reference(model, ids)
+    assert sorted(got) == sorted(want) and len(got) == 3 * 7
+    for name, v in want.items():
+        assert v > 0
+        assert got[name] == pytest.approx(v, rel=1e-4), name
+    # Deeper layers of a random model see gradients of other sizes: the weights are not flat.
+    assert max(got.values()) > 2 * min(got.values())
+    with pytest.raises(MeasurementError, match="at least 2 tokens"):
+        linear_sensitivities(sm, ids[:, :1])
+
+
+def test_measurement_records_sensitivities_and_allocation_uses_them(tmp_path: Path) -> None:
+    from exl2rs._core import Measurement
+    from exl2rs.allocation import allocate
+    from exl2rs.measure import measure
+
+    model = small_llama(tmp_path / "m", layers=2, seed=4)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    path = measure(
+        model,
+        tmp_path / "m.json",
+        calibration=ids,
+        progress=False,
+        threads=1,
+        workers=1,
+        sensitivity_tokens=64,  # the first 2 rows
+    )
+    m = Measurement.load(path)
+    assert m.has_sensitivities and m.resolve_scale("auto") == "fisher"
+    doc = json.loads(path.read_text())
+    recorded = {rec["name"]: rec["sensitivity"] for rec in doc["linears"]}
+    expect = linear_sensitivities(StreamingModel(model), ids[:2])
+    assert recorded == pytest.approx(expect, rel=1e-6)
+    # The default objective is Σ sensitivity · tr(ΔW H ΔWᵀ).
+    a = allocate(path, 5.0)
+    raw = m.linear_problem("raw")
+    total = sum(recorded[c.name] * raw.options(i)[c.option][1] for i, c in enumerate(a.items))
+    assert a.solution.objective == pytest.approx(total, rel=1e-9)
+    # Without sensitivities the same call falls back to relative errors.
+    bare = measure(
+        model,
+        tmp_path / "bare.json",
+        calibration=ids,
+        progress=False,
+        threads=1,
+        workers=1,
+        sensitivity_tokens=None,
+    )
+    mb = Measurement.load(bare)
+    assert not mb.has_sensitivities and mb.resolve_scale("auto") == "relative"
+    with pytest.raises(Exception, match="no sensitivity"):
+        mb.linear_problem("fisher")
