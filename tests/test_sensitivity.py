@@ -100,3 +100,13 @@ def test_measurement_records_sensitivities_and_allocation_uses_them(tmp_path: Pa
     assert not mb.has_sensitivities and mb.resolve_scale("auto") == "relative"
     with pytest.raises(Exception, match="no sensitivity"):
         mb.linear_problem("fisher")
+    # add_sensitivities upgrades such a file in place (the allocation then uses them) ...
+    from exl2rs.sensitivity import add_sensitivities
+
+    with pytest.raises(MeasurementError, match="measured another model"):
+        add_sensitivities(bare, small_llama(tmp_path / "other", layers=2, seed=5), ids[:2])
+    assert add_sensitivities(bare, model, ids[:2])
+    upgraded = Measurement.load(bare)
+    assert upgraded.resolve_scale("auto") == "fisher"
+    assert upgraded.linear_problem("fisher").to_json() == m.linear_problem("fisher").to_json()
+    assert not add_sensitivities(bare, model, ids[:2])  # ... once
