@@ -30,7 +30,7 @@ from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,6 +45,9 @@ from exl2rs.errors import (
     UnsupportedArchitectureError,
 )
 from exl2rs.qparams import QParams
+
+if TYPE_CHECKING:
+    from exl2rs.streaming import StreamingModel
 
 __all__ = ["FORMAT", "VERSION", "add_arguments", "measure", "run"]
 
@@ -684,6 +687,16 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _sensitivities(
+    sm: StreamingModel, tokens: torch.Tensor, sensitivity_tokens: int, progress: bool
+) -> dict[str, float]:
+    """Sensitivities from the first calibration rows holding ``sensitivity_tokens`` tokens."""
+    from exl2rs.sensitivity import linear_sensitivities
+
+    rows = tokens[: max(1, sensitivity_tokens // tokens.shape[1])]
+    return linear_sensitivities(sm, rows, progress=progress)
+
+
 def measure(
     model_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -858,6 +871,7 @@ def _measure(
         index.update({_canonical(c).decode(): i for i, c in enumerate(configs)})
         states = _load_states(job_path / job["states"])
 
+    sens: dict[str, float] | None = None
     bar = tqdm(
         total=num_layers, initial=start_layer, desc="measure", unit="layer", disable=not progress
     )
@@ -897,6 +911,9 @@ def _measure(
                 states = y_ref
             del block
             pending.append(_PendingLayer(layer, futures, states))
+            if layer == num_layers - 1 and sensitivity_tokens is not None:
+                # The chain is done: the pass runs while the workers finish the last layers.
+                sens = _sensitivities(sm, tokens, sensitivity_tokens, progress)
             while pending and (len(pending) > 1 or layer == num_layers - 1):
                 done = pending.popleft()
                 for fut in done.futures:
@@ -927,11 +944,9 @@ def _measure(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
-    if sensitivity_tokens is not None and (job is None or "sensitivity" not in job):
-        from exl2rs.sensitivity import linear_sensitivities
-
-        sens_rows = tokens[: max(1, sensitivity_tokens // tokens.shape[1])]
-        sens = linear_sensitivities(sm, sens_rows, progress=progress)
+    if sensitivity_tokens is not None and sens is None and "sensitivity" not in (job or {}):
+        sens = _sensitivities(sm, tokens, sensitivity_tokens, progress)  # resumed after the chain
+    if sens is not None:
         for rec in linears_out:
             rec["sensitivity"] = sens[rec["name"]]
         if job is not None:  # checkpointed: a rerun after a kill goes straight to the file
