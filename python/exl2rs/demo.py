@@ -291,7 +291,7 @@ def convert_variant(
     """Quantize + compile ``v`` with ``exl2rs.convert`` in ``work_root/<key>-<strategy digest>``
     (a finished job with the same inputs is reported, not redone; a new strategy gets a new job)."""
     from exl2rs.convert import convert
-    from exl2rs.quantize import strategy_digest
+    from exl2rs.quantize import DEFAULT_MAX_PPL_RATIO, strategy_digest
 
     v.result = convert(
         model,
@@ -302,7 +302,7 @@ def convert_variant(
         length=settings.quant_length,
         rtn=v.rtn,
         # Round-to-nearest is a baseline: its perplexity, however bad, is the result.
-        max_ppl_ratio=None if v.rtn else 3.0,
+        max_ppl_ratio=None if v.rtn else DEFAULT_MAX_PPL_RATIO,
         threads=threads,
         progress=progress,
     )

@@ -127,27 +127,24 @@ fn check_unpack(words: &[i32], qrows: usize, cols: usize, bits: u32, offset: usi
     }
 }
 
-fn lcg_words(n: usize, seed: u64) -> Vec<i32> {
+/// A deterministic 64-bit LCG stream (Knuth's MMIX constants), for reproducible test data.
+fn lcg(n: usize, seed: u64) -> impl Iterator<Item = u64> {
     let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 32) as u32 as i32
-        })
-        .collect()
+    (0..n).map(move |_| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        s
+    })
+}
+
+fn lcg_words(n: usize, seed: u64) -> Vec<i32> {
+    lcg(n, seed).map(|s| (s >> 32) as u32 as i32).collect()
 }
 
 fn lcg_codes(n: usize, bits: u32, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as u32 & ((1 << bits) - 1)) as u8
-        })
+    lcg(n, seed)
+        .map(|s| ((s >> 33) as u32 & ((1 << bits) - 1)) as u8)
         .collect()
 }
 
