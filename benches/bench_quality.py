@@ -60,6 +60,29 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "relative": {"scale": "relative"},
     "norm": {"objective": "norm"},
 }
+SKIPPABLE = ("anneal", "rtn", "uniform")
+
+
+def objective_kw(name: str) -> dict[str, Any]:
+    """Allocation keywords of an ``--objectives`` entry: a name of OBJECTIVES, or ``norm:P``
+    (Σ err^P with exponent P)."""
+    if name.startswith("norm:"):
+        return {"objective": "norm", "norm": float(name.split(":", 1)[1])}
+    return OBJECTIVES[name]
+
+
+def objective_name(text: str) -> str:
+    if text in OBJECTIVES:
+        return text
+    if text.startswith("norm:"):
+        try:
+            if float(text.split(":", 1)[1]) > 0:
+                return text
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        f"unknown objective {text!r}: expected one of {sorted(OBJECTIVES)} or norm:P (P > 0)"
+    )
 
 
 def build_variants(
@@ -70,17 +93,20 @@ def build_variants(
     uniform_rtn: bool,
     objectives: list[str],
     plain_measurement: Path | None = None,
+    skip: tuple[str, ...] = (),
 ) -> list[Variant]:
     out: list[Variant] = []
     for t in targets:
         exact = exl2rs_variant(f"exact_{t:.2f}", "exact", measurement, t, shapes)
         out.append(exact)
-        out.append(
-            exl2rs_variant(f"anneal_{t:.2f}", "anneal", measurement, t, shapes, solver="anneal")
-        )
-        rtn = Variant(f"rtn_{t:.2f}", "rtn", t, dict(exact.strategy), rtn=True)
-        out.append(rtn)
-        out.append(uniform_variant(f"uniform_{t:.2f}", "uniform", t, shapes))
+        if "anneal" not in skip:
+            out.append(
+                exl2rs_variant(f"anneal_{t:.2f}", "anneal", measurement, t, shapes, solver="anneal")
+            )
+        if "rtn" not in skip:
+            out.append(Variant(f"rtn_{t:.2f}", "rtn", t, dict(exact.strategy), rtn=True))
+        if "uniform" not in skip:
+            out.append(uniform_variant(f"uniform_{t:.2f}", "uniform", t, shapes))
         if uniform_rtn:
             out.append(uniform_variant(f"urtn_{t:.2f}", "uniform-rtn", t, shapes, rtn=True))
         if plain_measurement is not None:
@@ -95,20 +121,22 @@ def build_variants(
                     measurement,
                     t,
                     shapes,
-                    **OBJECTIVES[name],
+                    **objective_kw(name),
                 )
             )
     return out
 
 
 def measured_errors(measurement: Path) -> dict[str, dict[str, float]]:
-    """Linear → {config descriptor: measured tr(ΔW H ΔWᵀ)} of a native measurement."""
+    """Linear → {config descriptor: its error under the allocator's default scale} of a native
+    measurement (Fisher-weighted tr(ΔW H ΔWᵀ) when it has sensitivities)."""
     from exl2rs._core import Measurement
+    from exl2rs.allocation import DEFAULT_SCALE
     from exl2rs.qparams import QParams
 
     m = Measurement.load(measurement)
     descs = [QParams.from_dict(json.loads(t)).desc for t in m.configs_json()]
-    problem = m.linear_problem()
+    problem = m.linear_problem(m.resolve_scale(DEFAULT_SCALE))
     return {
         name: {descs[c]: err for _, err, c in problem.options(i)}
         for i, name in enumerate(problem.names)
@@ -127,6 +155,17 @@ def predicted_objective(
             return None
         total += err
     return total
+
+
+def kind_bpw(strategy: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """Mean bpw per linear kind (``q_proj`` …) of ``strategy``, weighted by the weights."""
+    bits: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for name, (k, m) in shapes.items():
+        kind = name.rsplit(".", 1)[-1]
+        bits[kind] = bits.get(kind, 0.0) + strategy[name].total_bits(k, m)
+        count[kind] = count.get(kind, 0) + k * m
+    return {kind: round(bits[kind] / count[kind], 4) for kind in bits}
 
 
 def table(rows: list[dict[str, Any]], targets: list[float]) -> list[str]:
@@ -157,7 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant-length", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32, help="wiki-ho windows (protocol: 32)")
     ap.add_argument("--uniform-rtn", action="store_true", help="also uniform round-to-nearest")
-    ap.add_argument("--objectives", nargs="*", default=[], choices=sorted(OBJECTIVES))
+    ap.add_argument(
+        "--objectives",
+        nargs="*",
+        default=[],
+        type=objective_name,
+        help=f"also exact on other objectives: {', '.join(sorted(OBJECTIVES))} or norm:P",
+    )
+    ap.add_argument("--skip", nargs="*", default=[], choices=SKIPPABLE, help="methods not to run")
     ap.add_argument(
         "--plain-configs",
         action="store_true",
@@ -206,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         uniform_rtn=args.uniform_rtn,
         objectives=args.objectives,
         plain_measurement=plain,
+        skip=tuple(args.skip),
     )
     convert_all(model, work / "models", variants, settings, threads=args.threads, jobs=args.jobs)
     for v in variants:  # every job is finished now: this only reads its result
@@ -235,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 "objective": None if v.allocation is None else v.allocation.objective,
                 "predicted_objective": predicted_objective(errors, v.strategy),
                 "solver": None if v.allocation is None else v.allocation.solution.solver,
+                "anneal_norm": None if v.allocation is None else v.allocation.solution.anneal_norm,
+                "kind_bpw": kind_bpw(v.strategy, shapes),
                 "quantize_s": v.result.stage_seconds.get("quantize"),
                 "cal_ppl_quant": v.result.cal_ppl_quant,
             }

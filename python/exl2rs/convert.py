@@ -42,7 +42,7 @@ from exl2rs.errors import (
     MeasurementFileError,
     ModelError,
 )
-from exl2rs.qparams import QParams, head_config
+from exl2rs.qparams import HEAD_BITS, QParams, head_config
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,6 @@ EXL2_MEASUREMENT = "measurement.json"
 DEFAULT_OUT = "exl2"
 STAGES = ("begin", "measure", "optimize", "quantize", "compile", "finished")
 SOLVERS = ("exact", "greedy", "lagrangian", "anneal", "minimax")
-HEAD_BITS = (2, 3, 4, 5, 6, 8)
 # exllamav2's row counts: built-in dataset / custom dataset.
 DEFAULT_ROWS = (115, 100)
 DEFAULT_MEASUREMENT_ROWS = (19, 16)

@@ -44,7 +44,8 @@ from exl2rs.errors import (
     ModelError,
     UnsupportedArchitectureError,
 )
-from exl2rs.qparams import QParams
+from exl2rs.qparams import ATTN_KINDS, MLP_KINDS, QParams
+from exl2rs.sensitivity import DEFAULT_FISHER, FISHER_KINDS, FisherKind
 
 if TYPE_CHECKING:
     from exl2rs.streaming import StreamingModel
@@ -54,8 +55,6 @@ __all__ = ["FORMAT", "VERSION", "add_arguments", "measure", "run"]
 FORMAT = "exl2rs.measurement"
 VERSION = 1
 JOB_FORMAT = "exl2rs.measure-job"
-ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
 # exllamav2 aborts when the best row of a module is this inaccurate ("Measurement/inference error").
 MIN_BEST_ACCURACY = 0.1
 # Calibration tokens on which the 19 + 17 joint table rows are scored (see ``measure``).
@@ -688,13 +687,18 @@ def _default_device() -> str:
 
 
 def _sensitivities(
-    sm: StreamingModel, tokens: torch.Tensor, sensitivity_tokens: int, progress: bool
+    sm: StreamingModel,
+    tokens: torch.Tensor,
+    sensitivity_tokens: int,
+    progress: bool,
+    fisher: FisherKind,
+    seed: int,
 ) -> dict[str, float]:
     """Sensitivities from the first calibration rows holding ``sensitivity_tokens`` tokens."""
     from exl2rs.sensitivity import linear_sensitivities
 
     rows = tokens[: max(1, sensitivity_tokens // tokens.shape[1])]
-    return linear_sensitivities(sm, rows, progress=progress)
+    return linear_sensitivities(sm, rows, progress=progress, fisher=fisher, seed=seed)
 
 
 def measure(
@@ -715,6 +719,7 @@ def measure(
     module_tokens: int | None = DEFAULT_MODULE_TOKENS,
     workers: int | None = None,
     sensitivity_tokens: int | None = DEFAULT_SENSITIVITY_TOKENS,
+    fisher: FisherKind = DEFAULT_FISHER,
 ) -> Path:
     """Measure ``model_dir`` and write the native measurement file to ``out_path``.
 
@@ -739,7 +744,8 @@ def measure(
     Sensitivities (:mod:`exl2rs.sensitivity`, the default allocation objective's per-linear
     weights) come from one streamed forward + backward pass over the first calibration rows
     holding about ``sensitivity_tokens`` tokens (at least one row), after the last layer;
-    ``None`` skips them (the allocator then falls back to relative errors).
+    ``None`` skips them (the allocator then falls back to relative errors). ``fisher`` picks
+    the estimator (:func:`exl2rs.sensitivity.linear_sensitivities`; labels drawn with ``seed``).
 
     Token budget: Hessians and the reference forward (which produces the next layer's states) use
     every calibration token. The joint table rows (19 attention + 17 MLP module forwards per
@@ -785,6 +791,7 @@ def measure(
             module_tokens=module_tokens,
             workers=workers,
             sensitivity_tokens=sensitivity_tokens,
+            fisher=fisher,
         )
     finally:
         torch.set_num_threads(saved_threads)
@@ -807,6 +814,7 @@ def _measure(
     module_tokens: int | None,
     workers: int,
     sensitivity_tokens: int | None,
+    fisher: FisherKind,
 ) -> Path:
     from tqdm.auto import tqdm
 
@@ -913,7 +921,7 @@ def _measure(
             pending.append(_PendingLayer(layer, futures, states))
             if layer == num_layers - 1 and sensitivity_tokens is not None:
                 # The chain is done: the pass runs while the workers finish the last layers.
-                sens = _sensitivities(sm, tokens, sensitivity_tokens, progress)
+                sens = _sensitivities(sm, tokens, sensitivity_tokens, progress, fisher, seed)
             while pending and (len(pending) > 1 or layer == num_layers - 1):
                 done = pending.popleft()
                 for fut in done.futures:
@@ -944,13 +952,14 @@ def _measure(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
 
-    if sensitivity_tokens is not None and sens is None and "sensitivity" not in (job or {}):
-        sens = _sensitivities(sm, tokens, sensitivity_tokens, progress)  # resumed after the chain
+    if sensitivity_tokens is not None and sens is None and (job or {}).get("sensitivity") != fisher:
+        # Resumed after the chain (or checkpointed with the other estimator).
+        sens = _sensitivities(sm, tokens, sensitivity_tokens, progress, fisher, seed)
     if sens is not None:
         for rec in linears_out:
             rec["sensitivity"] = sens[rec["name"]]
         if job is not None:  # checkpointed: a rerun after a kill goes straight to the file
-            job = {**job, "linears": linears_out, "sensitivity": True}
+            job = {**job, "linears": linears_out, "sensitivity": fisher}
             _write_job(job_path, job)
 
     cfg = sm.config
@@ -1035,6 +1044,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"the default allocation objective; 0 = no sensitivities (default "
         f"{DEFAULT_SENSITIVITY_TOKENS})",
     )
+    parser.add_argument(
+        "--fisher",
+        choices=FISHER_KINDS,
+        default=DEFAULT_FISHER,
+        help="sensitivity estimator: 'true' (labels drawn from the model: its Fisher, the "
+        "second-order term of KL and of the loss) or 'empirical' (the text's next tokens) "
+        f"(default {DEFAULT_FISHER})",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
@@ -1063,6 +1080,7 @@ def run(args: argparse.Namespace) -> int:
             module_tokens=args.module_tokens or None,
             workers=args.workers,
             sensitivity_tokens=args.sensitivity_tokens or None,
+            fisher=args.fisher,
         )
     except Exl2Error as exc:
         print(f"exl2rs measure: error: {exc}", file=sys.stderr)

@@ -11,6 +11,8 @@ from exl2rs import _core
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_KINDS = LINEAR_KINDS[:4]
 MLP_KINDS = LINEAR_KINDS[4:]
+# EXL2's head options (`-hb`): the widths of `head_config`.
+HEAD_BITS = (2, 3, 4, 5, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def head_config(bits: int) -> QParams:
 
 __all__ = [
     "ATTN_KINDS",
+    "HEAD_BITS",
     "LINEAR_KINDS",
     "MLP_KINDS",
     "Group",

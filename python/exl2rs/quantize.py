@@ -39,11 +39,10 @@ from exl2rs import gptq
 from exl2rs.atomic import atomic_write_bytes
 from exl2rs.errors import Exl2Error, JobError, ModelError
 from exl2rs.packing import Exl2Tensors, pack_exl2
-from exl2rs.qparams import QParams, head_config
+from exl2rs.qparams import HEAD_BITS, QParams, head_config
 
 __all__ = [
     "HEAD_NAME",
-    "HEAD_BITS_CHOICES",
     "QuantizationError",
     "QuantizeResult",
     "decoder_linears",
@@ -57,7 +56,6 @@ PROGRESS_VERSION = 1
 PROGRESS_FILE = "quant_progress.json"
 TENSOR_DIR = "out_tensor"
 HEAD_NAME = "lm_head"
-HEAD_BITS_CHOICES = (2, 3, 4, 5, 6, 8)
 # Packed → dequantized must reproduce GPTQ's weight up to fp16 rounding of the stored scale.
 DEQUANT_RTOL = 2.0**-10
 # Default bound of the final check: quantized calibration perplexity over the fp32 one.
@@ -400,8 +398,8 @@ def quantize_model(
 
     t_start = time.perf_counter()
     model_path, job = Path(model_dir), Path(job_dir)
-    if head_bits is not None and head_bits not in HEAD_BITS_CHOICES:
-        raise JobError(f"head_bits must be one of {list(HEAD_BITS_CHOICES)}, got {head_bits!r}")
+    if head_bits is not None and head_bits not in HEAD_BITS:
+        raise JobError(f"head_bits must be one of {list(HEAD_BITS)}, got {head_bits!r}")
     if max_ppl_ratio is not None and not max_ppl_ratio > 1.0:
         raise ValueError(f"max_ppl_ratio must exceed 1, got {max_ppl_ratio}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

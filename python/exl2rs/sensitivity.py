@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -25,7 +26,17 @@ from tqdm.auto import tqdm
 from exl2rs.errors import MeasurementError
 from exl2rs.streaming import StreamingModel
 
-__all__ = ["add_sensitivities", "linear_sensitivities"]
+__all__ = [
+    "DEFAULT_FISHER",
+    "FISHER_KINDS",
+    "FisherKind",
+    "add_sensitivities",
+    "linear_sensitivities",
+]
+
+FisherKind = Literal["true", "empirical"]
+FISHER_KINDS: tuple[FisherKind, ...] = ("true", "empirical")
+DEFAULT_FISHER: FisherKind = "empirical"
 
 
 def linear_sensitivities(
@@ -34,9 +45,19 @@ def linear_sensitivities(
     *,
     progress: bool = False,
     on_layer: Callable[[int], None] | None = None,
+    fisher: FisherKind = DEFAULT_FISHER,
+    seed: int = 0,
 ) -> dict[str, float]:
     """``{linear name: mean squared output gradient}`` of the summed next-token cross-entropy of
-    ``input_ids`` ``[rows, length]`` (each row at least 2 tokens)."""
+    ``input_ids`` ``[rows, length]`` (each row at least 2 tokens).
+
+    ``fisher="true"`` differentiates the cross-entropy of labels drawn from the model itself
+    (seeded by ``seed``): the mean then estimates the diagonal of the model's Fisher, the matrix
+    of the second-order change of KL(model ‖ perturbed) and of the cross-entropy's Gauss-Newton
+    term. ``"empirical"`` uses the text's own next tokens (the empirical Fisher, which weights
+    positions by how wrong the model is rather than by how much its prediction can move)."""
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise MeasurementError(
             f"sensitivities need token rows of at least 2 tokens, got {tuple(input_ids.shape)}"
@@ -50,7 +71,8 @@ def linear_sensitivities(
             states.append(sm.block_forward(block, i, states[-1]))
             del block
             bar.update(1)
-        _, grad = sm.head_loss_grad(states.pop(), input_ids)
+        gen = torch.Generator().manual_seed(seed) if fisher == "true" else None
+        _, grad = sm.head_loss_grad(states.pop(), input_ids, sample=gen)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
 
@@ -80,6 +102,7 @@ def add_sensitivities(
     *,
     device: str | None = None,
     progress: bool = False,
+    fisher: FisherKind = DEFAULT_FISHER,
 ) -> bool:
     """Adds sensitivities to a native measurement written without them (before exl2rs recorded
     them), from ``input_ids`` of the model it measured; rewritten atomically. Returns False
@@ -96,7 +119,7 @@ def add_sensitivities(
             f"{path}: measured another model (hash {m.model_hash[:16]}…), not {model}"
         )
     sm = StreamingModel(model, device=device or "cpu")
-    sens = linear_sensitivities(sm, input_ids, progress=progress)
+    sens = linear_sensitivities(sm, input_ids, progress=progress, fisher=fisher)
     doc = json.loads(m.to_json())
     for rec in doc["linears"]:
         rec["sensitivity"] = sens[rec["name"]]

@@ -388,10 +388,19 @@ class StreamingModel:
         return logits
 
     def head_loss_grad(
-        self, states: torch.Tensor, input_ids: torch.Tensor
+        self,
+        states: torch.Tensor,
+        input_ids: torch.Tensor,
+        *,
+        sample: torch.Generator | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Summed next-token cross-entropy of ``input_ids`` from the final ``states`` (before
-        the final norm), and its gradient with respect to those states (CPU fp32)."""
+        the final norm), and its gradient with respect to those states (CPU fp32).
+
+        With ``sample`` the labels are instead drawn from the model's own next-token
+        distribution (one per position, from that generator, on the CPU): the squared
+        gradients then estimate the model's true Fisher (the Gauss-Newton matrix of the
+        cross-entropy) without bias, where the data's labels give the empirical Fisher."""
         if states.shape[:2] != input_ids.shape:
             raise ModelError(
                 f"head_loss_grad: states {tuple(states.shape)} do not match input_ids "
@@ -404,7 +413,14 @@ class StreamingModel:
             h = states[rows].to(self.device, torch.float32).requires_grad_(True)
             with torch.enable_grad():
                 logits = self._head(h, norm, weight)[:, :-1]
-                labels = input_ids[rows, 1:].to(self.device).long()
+                if sample is None:
+                    labels = input_ids[rows, 1:].to(self.device).long()
+                else:
+                    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+                    drawn = torch.multinomial(
+                        probs.reshape(-1, probs.shape[-1]), 1, generator=sample
+                    )
+                    labels = drawn.reshape(probs.shape[:-1]).to(self.device)
                 loss = nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
                 )
