@@ -680,13 +680,19 @@ def rtn_quantize(
 
 def dequantize(result: QuantResult | CompactResult) -> torch.Tensor:
     """Rebuild ``W [N, K]`` from the stored fields alone, as a loader of packed tensors does."""
-    rows_out = []
+    k, n = int(result.codes.shape[0]), int(result.codes.shape[1])
+    # Groups fill one act-order buffer and it is scattered straight into W's transposed view:
+    # two [N, K] fp32 tensors at peak, not four (cat, permute, transpose).
+    rows = torch.empty(k, n, dtype=torch.float32, device=result.codes.device)
     start = 0
     smax = result.scale_max.to(torch.float32)
-    for g, (bits, rows) in enumerate(zip(result.group_bits, result.group_rows, strict=True)):
+    for g, (bits, count) in enumerate(zip(result.group_bits, result.group_rows, strict=True)):
         qs1 = result.scales[g].to(torch.float32) + 1
         scale = qs1 * qs1 * float(smax[g]) / 256
-        q = result.codes[start : start + rows].to(torch.float32)
-        rows_out.append((q - float(1 << (bits - 1))) * scale)
-        start += rows
-    return torch.cat(rows_out)[result.invperm].T.contiguous()
+        dst = rows[start : start + count]
+        dst.copy_(result.codes[start : start + count])
+        dst.sub_(float(1 << (bits - 1))).mul_(scale)
+        start += count
+    out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    out.T.index_copy_(0, result.perm, rows)
+    return out
