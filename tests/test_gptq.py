@@ -129,6 +129,33 @@ def test_batched_configs_equal_single_runs(layer: tuple[torch.Tensor, gptq.Prepa
         assert one.err == res.err
 
 
+def test_batches_sized_to_the_budget_give_identical_results(
+    layer: tuple[torch.Tensor, gptq.Prepared],
+) -> None:
+    from exl2rs.qparams import candidates
+
+    w, prepared = layer
+    configs = candidates("down_proj")[:5]
+    per_config = 256 * 192 * gptq.BATCH_BYTES_PER_WEIGHT
+    assert gptq.batch_size(256, 192, 5, 10 * per_config) == 5
+    assert gptq.batch_size(256, 192, 5, 2 * per_config) == 2
+    assert gptq.batch_size(256, 192, 5, 1) == 1
+    assert gptq.batch_size(256, 192, 5, 4 * per_config) == 3  # 3 + 2, not 4 + 1
+    whole = gptq.quantize_many(w, prepared, configs)
+    for budget in (per_config, 2 * per_config):  # batches of 1 and of 2 (2 + 2 + 1)
+        parts = gptq.quantize_many(w, prepared, configs, max_batch_bytes=budget)
+        compact = gptq.quantize_many_compact(w, prepared, configs, max_batch_bytes=budget)
+        for q, a, b, c in zip(configs, whole, parts, compact, strict=True):
+            assert torch.equal(a.codes, b.codes), q.desc
+            assert torch.equal(a.weight, b.weight), q.desc
+            assert torch.equal(a.scales, b.scales) and torch.equal(a.scale_max, b.scale_max)
+            assert a.err == b.err == c.err, q.desc
+            assert c.codes.dtype == torch.uint8 and torch.equal(c.codes.to(torch.int16), a.codes)
+            assert torch.equal(gptq.dequantize(c), a.weight), q.desc
+            # uint8 codes plus one uint8 scale per group and column: ~1 byte per weight.
+            assert c.nbytes / w.numel() < 1.05
+
+
 def test_error_falls_as_bits_rise(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
     w, prepared = layer
     errs = [
@@ -213,3 +240,24 @@ def test_cuda_matches_cpu(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
     assert torch.equal(gptq.dequantize(gpu), gpu.weight)
     assert (gpu.codes.cpu() == cpu.codes).float().mean().item() > 0.99
     assert gpu.err == pytest.approx(cpu.err, rel=1e-2)
+
+
+@pytest.mark.cuda
+def test_cuda_batches_give_identical_results(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
+    """On CUDA the default budget follows free memory, so batch sizes vary between runs: the
+    results must not depend on them (cuBLAS may pick other kernels for other batch counts)."""
+    from exl2rs.qparams import candidates
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    w, prepared = layer
+    on_gpu = gptq.prepare(prepared.hessian.cuda(), name="test.layer")
+    assert gptq.default_max_batch_bytes("cuda") > 0
+    configs = candidates("down_proj")[:5]
+    whole = gptq.quantize_many(w.cuda(), on_gpu, configs)
+    per_config = 256 * 192 * gptq.BATCH_BYTES_PER_WEIGHT
+    for budget in (per_config, 2 * per_config):
+        parts = gptq.quantize_many_compact(w.cuda(), on_gpu, configs, max_batch_bytes=budget)
+        for q, a, b in zip(configs, whole, parts, strict=True):
+            assert torch.equal(a.codes.to(torch.uint8), b.codes), q.desc
+            assert torch.equal(gptq.dequantize(b), a.weight) and a.err == b.err, q.desc

@@ -301,6 +301,40 @@ def test_gptq_beats_rtn_and_exl2_rule_on_smollm2(
     assert sum(r < 1.0 for r in ratios) >= 0.7 * len(ratios), ratios
 
 
+def test_small_batch_budget_and_compact_candidates_keep_the_records(
+    measured: dict[str, Any], tiny_llama_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """GPTQ in batches of 2 configs (the MLP linears are 64 x 128), candidates held as uint8
+    codes and dequantized per joint row: the same file as one batch per linear."""
+    monkeypatch.setattr(gptq, "DEFAULT_MAX_BATCH_BYTES", 2 * 64 * 128 * gptq.BATCH_BYTES_PER_WEIGHT)
+    sizes: list[int] = []
+    per_weight: list[float] = []
+    batch, compact, deq = gptq._quantize_batch, gptq.quantize_many_compact, gptq.dequantize
+
+    def spy_batch(w: torch.Tensor, prepared: Any, layouts: Any, *a: Any) -> Any:
+        sizes.append(len(layouts))
+        return batch(w, prepared, layouts, *a)
+
+    def spy_compact(w: torch.Tensor, *a: Any, **kw: Any) -> Any:
+        out = compact(w, *a, **kw)
+        per_weight.extend(r.nbytes / w.numel() for r in out)
+        return out
+
+    def spy_deq(res: Any) -> torch.Tensor:
+        assert isinstance(res, gptq.CompactResult) and res.codes.dtype == torch.uint8
+        return deq(res)
+
+    monkeypatch.setattr(gptq, "_quantize_batch", spy_batch)
+    monkeypatch.setattr(gptq, "quantize_many_compact", spy_compact)
+    monkeypatch.setattr(gptq, "dequantize", spy_deq)
+    got = json.loads(_run(tiny_llama_dir, tmp_path / "small.json").read_text())
+    assert min(sizes) == 1 and max(sizes) <= 8  # 13 MLP configs: 2 per batch, one left over
+    assert per_weight and max(per_weight) < 1.05  # not the 4-byte fp32 weights
+    want = measured["native"]
+    assert got["linears"] == want["linears"]
+    assert got["modules"] == want["modules"]
+
+
 def test_module_subset_is_causal_prefix_or_spread_positions() -> None:
     states = torch.arange(2 * 10 * 3, dtype=torch.float32).reshape(2, 10, 3)
     assert measure.module_subset(states, None, "mlp") is states

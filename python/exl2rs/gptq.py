@@ -12,11 +12,14 @@ Conventions (shared by measurement, quantization and export):
   code ``qs`` per group and output column, one fp16 ``scale_max`` per group, and the permutation.
   Dequantization is ``w = (q - 2^(b-1)) · (qs+1)² · scale_max / 256`` in fp32, bit-identical to
   ``QuantResult.weight``.
+* Memory: the configs of one call run in batches of at most ``max_batch_bytes`` of working set
+  (``BATCH_BYTES_PER_WEIGHT`` bytes per weight and config); :func:`quantize_many_compact` keeps
+  only uint8 codes (1 byte per weight) between batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -25,7 +28,10 @@ import torch
 from exl2rs.errors import HessianError, NonFiniteError
 
 __all__ = [
+    "BATCH_BYTES_PER_WEIGHT",
     "DEFAULT_DAMP",
+    "DEFAULT_MAX_BATCH_BYTES",
+    "CompactResult",
     "GroupLike",
     "Hessian",
     "Prepared",
@@ -33,10 +39,13 @@ __all__ = [
     "QuantResult",
     "ScaleSearch",
     "accumulate_hessian",
+    "batch_size",
+    "default_max_batch_bytes",
     "dequantize",
     "prepare",
     "quantize",
     "quantize_many",
+    "quantize_many_compact",
     "rtn_quantize",
     "weighted_error",
 ]
@@ -48,6 +57,13 @@ P_GRID = torch.linspace(0.70, 1.20, 97, dtype=torch.float64).tolist()
 EXL2_NORM = 3.5
 # Rows per lazy-batch block: rank-1 updates stay inside it, everything else is one matmul.
 LAZY_BLOCK_ROWS = 32
+# Peak working set of one config in a GPTQ batch, bytes per weight: int16 codes and fp32
+# quantized rows, plus either the fp32 working copy (during GPTQ) or the fp32 [N, K] result
+# (built after the working copy is freed).
+BATCH_BYTES_PER_WEIGHT = 2 + 4 + 4
+# Budget for one batch on CPU; on CUDA it is CUDA_FREE_FRACTION of the memory free at the time.
+DEFAULT_MAX_BATCH_BYTES = 2 << 30
+CUDA_FREE_FRACTION = 0.5
 
 # "hessian" (default): bracketed search on the Hessian-weighted loss; "hessian_full": the same
 # loss over all 97 grid points (the exhaustive reference); "exl2": EXL2's own rule.
@@ -218,16 +234,47 @@ class QuantResult:
         return self.codes[start : start + self.group_rows[g]]
 
 
+@dataclass(frozen=True)
+class CompactResult:
+    """A :class:`QuantResult` without its fp32 weight, for holding many candidates at once.
+
+    ``codes`` are uint8 (every width is at most 8 bits): about 1 byte per weight instead of the
+    6 of ``codes`` + ``weight``; :func:`dequantize` rebuilds the weight bit-identically.
+    """
+
+    name: str
+    group_bits: tuple[int, ...]
+    group_rows: tuple[int, ...]
+    codes: torch.Tensor  # [K, N] uint8, act-order rows
+    scales: torch.Tensor  # [groups, N] uint8
+    scale_max: torch.Tensor  # [groups] fp16
+    perm: torch.Tensor  # [K] int64 (shared by every config of one call)
+    invperm: torch.Tensor  # [K] int64 (shared)
+    err: float
+
+    @classmethod
+    def of(cls, res: QuantResult) -> CompactResult:
+        return cls(
+            name=res.name,
+            group_bits=res.group_bits,
+            group_rows=res.group_rows,
+            codes=res.codes.to(torch.uint8),
+            scales=res.scales,
+            scale_max=res.scale_max,
+            perm=res.perm,
+            invperm=res.invperm,
+            err=res.err,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this candidate holds on its own (the permutation is shared, not counted)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.scale_max))
+
+
 def weighted_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """``tr(Δ H Δᵀ)`` for ``Δ : [N, K]`` (fp32 product, fp64 final sum)."""
     return float(((delta @ hessian) * delta).sum(dtype=torch.float64))
-
-
-def _weighted_errors(delta: torch.Tensor, hessian: torch.Tensor) -> list[float]:
-    """:func:`weighted_error` of each ``delta[c] : [N, K]``, as one GEMM over all configs."""
-    c, n, k = delta.shape
-    prod = torch.matmul(delta.reshape(c * n, k), hessian).reshape(c, n, k)
-    return [float(v) for v in (prod * delta).sum(dim=(1, 2), dtype=torch.float64)]
 
 
 def _group_scales(
@@ -359,6 +406,54 @@ def quantize(
     return quantize_many(weight, prepared, [qparams], name=name, scale_search=scale_search)[0]
 
 
+def default_max_batch_bytes(device: torch.device | str) -> int:
+    """Batch budget on ``device``: ``DEFAULT_MAX_BATCH_BYTES`` on CPU; on CUDA a fraction of the
+    memory free now, counting blocks this process's allocator holds unused as free."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return DEFAULT_MAX_BATCH_BYTES
+    free, _ = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    return int(free * CUDA_FREE_FRACTION)
+
+
+def batch_size(k: int, n: int, configs: int, max_batch_bytes: int) -> int:
+    """Configs per GPTQ batch: as many as fit ``max_batch_bytes`` (at least one), balanced so
+    the batches of one call differ by at most one config."""
+    if configs <= 0:
+        return 0
+    fit = max(1, max_batch_bytes // max(1, k * n * BATCH_BYTES_PER_WEIGHT))
+    batches = -(-configs // fit)
+    return -(-configs // batches)
+
+
+def _batches(
+    weight: torch.Tensor,
+    prepared: Prepared,
+    configs: Sequence[QParamsLike],
+    name: str,
+    scale_search: ScaleSearch,
+    error_feedback: bool,
+    max_batch_bytes: int | None,
+) -> Iterator[list[QuantResult]]:
+    """The results of ``configs`` in order, one list per batch; each batch runs when the
+    previous one has been consumed, so a caller that drops it bounds the peak."""
+    _check_weight(weight, prepared, name)
+    dev = prepared.hinv_upper.device
+    k = prepared.in_features
+    n = int(weight.shape[0])
+    layouts = [_layout(q, k, name) for q in configs]
+    w32 = weight.to(dev, torch.float32)
+    done = 0
+    while done < len(configs):
+        # The default budget is re-read per batch: on CUDA free memory shrinks as results pile up.
+        budget = default_max_batch_bytes(dev) if max_batch_bytes is None else max_batch_bytes
+        size = batch_size(k, n, len(configs) - done, budget)
+        part = layouts[done : done + size]
+        done += size
+        yield _quantize_batch(w32, prepared, part, name, scale_search, error_feedback)
+
+
 def quantize_many(
     weight: torch.Tensor,
     prepared: Prepared,
@@ -367,6 +462,7 @@ def quantize_many(
     name: str = "<unnamed>",
     scale_search: ScaleSearch = "hessian",
     error_feedback: bool = True,
+    max_batch_bytes: int | None = None,
 ) -> list[QuantResult]:
     """GPTQ-quantize one weight to several configs at once (one result per config).
 
@@ -376,18 +472,91 @@ def quantize_many(
     error-compensated rows when GPTQ reaches the group (rows past the block get the pending update
     applied first), which is the same arithmetic as EXL2's block = group.
     ``error_feedback=False`` gives round-to-nearest with the same layout and scales.
+
+    The configs run in batches whose working set (``BATCH_BYTES_PER_WEIGHT`` per weight and
+    config) fits ``max_batch_bytes`` (default :func:`default_max_batch_bytes`), one batch when
+    all fit; results do not depend on the batching. The results themselves hold 6 bytes per
+    weight and config: :func:`quantize_many_compact` keeps 1.
     """
-    _check_weight(weight, prepared, name)
-    if not configs:
-        return []
+    out: list[QuantResult] = []
+    for batch in _batches(
+        weight, prepared, configs, name, scale_search, error_feedback, max_batch_bytes
+    ):
+        out.extend(batch)
+    return out
+
+
+def quantize_many_compact(
+    weight: torch.Tensor,
+    prepared: Prepared,
+    configs: Sequence[QParamsLike],
+    *,
+    name: str = "<unnamed>",
+    scale_search: ScaleSearch = "hessian",
+    error_feedback: bool = True,
+    max_batch_bytes: int | None = None,
+) -> list[CompactResult]:
+    """:func:`quantize_many` keeping only :class:`CompactResult` s: each batch's fp32 weights
+    are dropped before the next batch runs, so the peak is one batch plus 1 byte per weight and
+    config."""
+    out: list[CompactResult] = []
+    for batch in _batches(
+        weight, prepared, configs, name, scale_search, error_feedback, max_batch_bytes
+    ):
+        out.extend(CompactResult.of(r) for r in batch)
+        del batch  # the loop variable would keep this batch alive while the next one runs
+    return out
+
+
+def _quantize_batch(
+    w32: torch.Tensor,
+    prepared: Prepared,
+    layouts: list[list[tuple[int, int, int]]],
+    name: str,
+    scale_search: ScaleSearch,
+    error_feedback: bool,
+) -> list[QuantResult]:
+    """GPTQ of ``w32 [N, K]`` (fp32, on the factor's device) to every layout, as one batch."""
+    codes, qweight, scales, smaxes = _gptq_rows(
+        w32, prepared, layouts, scale_search, error_feedback
+    )
+    results = []
+    for ci, lay in enumerate(layouts):
+        # One config at a time: the [N, K] weight, its delta and H-product are the only
+        # temporaries, never a [C, N, K] one.
+        w_q = qweight[ci][prepared.invperm].T.contiguous()
+        results.append(
+            QuantResult(
+                name=name,
+                group_bits=tuple(g[0] for g in lay),
+                group_rows=tuple(g[2] for g in lay),
+                codes=codes[ci],
+                scales=scales[ci],
+                scale_max=smaxes[ci],
+                perm=prepared.perm,
+                invperm=prepared.invperm,
+                weight=w_q,
+                err=weighted_error(w32 - w_q, prepared.hessian),
+            )
+        )
+    return results
+
+
+def _gptq_rows(
+    w32: torch.Tensor,
+    prepared: Prepared,
+    layouts: list[list[tuple[int, int, int]]],
+    scale_search: ScaleSearch,
+    error_feedback: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The GPTQ recursion of one batch: codes and quantized rows ``[C, K, N]`` (act-order),
+    scale codes and ``scale_max`` per config. The fp32 working copy dies on return."""
     dev = prepared.hinv_upper.device
     k = prepared.in_features
-    layouts = [_layout(q, k, name) for q in configs]
-    c_count = len(configs)
+    c_count = len(layouts)
     u = prepared.hinv_upper
     diag = torch.diag(u)
     row_weight_all = 1.0 / (diag * diag)
-    w32 = weight.to(dev, torch.float32)
     work = w32.T[prepared.perm].contiguous().expand(c_count, -1, -1).clone()  # [C, K, N]
     n = work.shape[2]
     codes = torch.empty(c_count, k, n, dtype=torch.int16, device=dev)
@@ -444,27 +613,7 @@ def quantize_many(
             # In place (beta = 1): no [C, K - b1, N] temporary per block.
             tail = work[:, b1:]
             tail.baddbmm_(u[b0:b1, b1:].T.expand(c_count, -1, -1), errs, alpha=-1.0)
-
-    results = []
-    w_qs = qweight[:, prepared.invperm].transpose(1, 2).contiguous()  # [C, N, K]
-    errors = _weighted_errors(w32 - w_qs, prepared.hessian)
-    for ci, lay in enumerate(layouts):
-        w_q = w_qs[ci]
-        results.append(
-            QuantResult(
-                name=name,
-                group_bits=tuple(g[0] for g in lay),
-                group_rows=tuple(g[2] for g in lay),
-                codes=codes[ci],
-                scales=scales[ci],
-                scale_max=smaxes[ci],
-                perm=prepared.perm,
-                invperm=prepared.invperm,
-                weight=w_q,
-                err=errors[ci],
-            )
-        )
-    return results
+    return codes, qweight, scales, smaxes
 
 
 def _start_groups(
@@ -529,15 +678,21 @@ def rtn_quantize(
     )[0]
 
 
-def dequantize(result: QuantResult) -> torch.Tensor:
+def dequantize(result: QuantResult | CompactResult) -> torch.Tensor:
     """Rebuild ``W [N, K]`` from the stored fields alone, as a loader of packed tensors does."""
-    rows_out = []
+    k, n = int(result.codes.shape[0]), int(result.codes.shape[1])
+    # Groups fill one act-order buffer and it is scattered straight into W's transposed view:
+    # two [N, K] fp32 tensors at peak, not four (cat, permute, transpose).
+    rows = torch.empty(k, n, dtype=torch.float32, device=result.codes.device)
     start = 0
     smax = result.scale_max.to(torch.float32)
-    for g, (bits, rows) in enumerate(zip(result.group_bits, result.group_rows, strict=True)):
+    for g, (bits, count) in enumerate(zip(result.group_bits, result.group_rows, strict=True)):
         qs1 = result.scales[g].to(torch.float32) + 1
         scale = qs1 * qs1 * float(smax[g]) / 256
-        q = result.codes[start : start + rows].to(torch.float32)
-        rows_out.append((q - float(1 << (bits - 1))) * scale)
-        start += rows
-    return torch.cat(rows_out)[result.invperm].T.contiguous()
+        dst = rows[start : start + count]
+        dst.copy_(result.codes[start : start + count])
+        dst.sub_(float(1 << (bits - 1))).mul_(scale)
+        start += count
+    out = torch.empty(n, k, dtype=torch.float32, device=rows.device)
+    out.T.index_copy_(0, result.perm, rows)
+    return out

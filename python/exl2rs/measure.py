@@ -323,7 +323,9 @@ def _quantize_module(
     module_full = module.full_name
     # Quantize every linear to every candidate of its input group (union over fused members).
     weights: dict[str, torch.Tensor] = {}
-    fake: dict[tuple[str, str], torch.Tensor] = {}
+    # Compact candidates (uint8 codes, ~1 byte per weight), dequantized when a joint row needs
+    # one: holding every fp32 candidate of a module costs 4 bytes per weight and config.
+    fake: dict[tuple[str, str], gptq.CompactResult] = {}
     records: list[dict[str, Any]] = []
     for group in module.groups:
         hess = hessians[group.shared_input]
@@ -332,11 +334,11 @@ def _quantize_module(
         for lin in group.members:
             w = _weight(block, lin.rel_name).detach().to(torch.float32)
             weights[lin.kind] = w.clone()
-            results = gptq.quantize_many(w, prepared, configs, name=lin.full_name)
+            results = gptq.quantize_many_compact(w, prepared, configs, name=lin.full_name)
             out_f, in_f = int(w.shape[0]), int(w.shape[1])
             options = []
             for q, res in zip(configs, results, strict=True):
-                fake[(lin.kind, _config_key(q))] = res.weight
+                fake[(lin.kind, _config_key(q))] = res
                 options.append(
                     {
                         "config": config_index(q),
@@ -367,6 +369,7 @@ def _quantize_module(
             y_ref_sub = forward(block, layer, sub_states)
     by_kind = {lin.kind: lin for lin in module.linears}
     rows_out: list[dict[str, Any]] = []
+    loaded: dict[str, tuple[str, str]] = {}  # kind -> candidate now in the block's weight
     try:
         for row in table:
             missing = [k for k in row if k not in by_kind]
@@ -383,8 +386,10 @@ def _quantize_module(
                         f"{by_kind[kind].full_name}: table config {q.desc} is not among the "
                         "measured candidates (a custom candidate set must keep the table configs)"
                     )
-                with torch.no_grad():
-                    dst.copy_(fake[key].to(dst.dtype))
+                if loaded.get(kind) != key:  # consecutive rows often share a config
+                    with torch.no_grad():
+                        dst.copy_(gptq.dequantize(fake[key]).to(dst.dtype))
+                    loaded[kind] = key
                 out_f, in_f = dst.shape
                 total += int(q.total_bits(int(in_f), int(out_f)))
             with torch.no_grad():
