@@ -39,7 +39,7 @@ fn pack_as<T: Code>(
     bits: u32,
 ) -> Result<Vec<i32>, PackError> {
     let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    pack_columns_with(isa, codes, rows, cols, bits, &mut out)?;
+    pack_columns_with(isa, Stores::Cached, codes, rows, cols, bits, &mut out)?;
     Ok(out)
 }
 
@@ -265,7 +265,8 @@ fn isa_detection_is_consistent() {
         assert_eq!(Isa::detect(), Isa::Avx2);
     } else {
         let mut out = vec![0i32; 1];
-        let err = pack_columns_with(Isa::Avx2, &[0u8; 8], 8, 1, 4, &mut out).unwrap_err();
+        let err =
+            pack_columns_with(Isa::Avx2, Stores::Cached, &[0u8; 8], 8, 1, 4, &mut out).unwrap_err();
         assert!(err.to_string().contains("isa"), "{err}");
     }
 }

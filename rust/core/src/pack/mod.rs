@@ -16,6 +16,8 @@ pub mod gptq;
 pub mod kernels;
 pub mod layout;
 #[cfg(target_arch = "x86_64")]
+mod pack_avx2;
+#[cfg(target_arch = "x86_64")]
 mod unpack_avx2;
 
 pub use bits::{
