@@ -115,8 +115,7 @@ pub(crate) fn first_bad_code<T: Code>(
 /// `[rows·bits/32, cols]` words. `rows` must be a multiple of [`rows_per_block`]. Any integer
 /// type is read as is (no conversion pass); the range check is fused into the packer.
 pub fn pack_columns<T: Code>(codes: &[T], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>> {
-    check_bits("pack_columns", bits, &EXL2_BITS)?;
-    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
+    let mut out = vec![0i32; packed_rows(rows, bits)? * cols];
     // A fresh allocation: its pages are first touched here (see `Stores::Auto`).
     pack_columns_with(
         Isa::detect(),
@@ -155,12 +154,20 @@ pub fn pack_columns_with<T: Code>(
     bits: u32,
     out: &mut [i32],
 ) -> Result<()> {
-    check_bits("pack_columns", bits, &EXL2_BITS)?;
+    let qrows = packed_rows(rows, bits)?;
     check_isa(isa)?;
     check_len("codes", codes.len(), &[rows, cols])?;
-    check_block_rows("codes", rows, bits)?;
-    check_len("out", out.len(), &[rows * bits as usize / 32, cols])?;
+    check_len("out", out.len(), &[qrows, cols])?;
     pack_checked(isa, stores, "codes", codes, cols, bits, out, 0)
+}
+
+/// The word rows `rows` rows of `bits`-bit codes pack to (`rows·bits/32`), after checking the
+/// width and that `rows` is a whole number of blocks: lets a caller size (or check) an output
+/// buffer before packing into it.
+pub fn packed_rows(rows: usize, bits: u32) -> Result<usize> {
+    check_bits("pack_columns", bits, &EXL2_BITS)?;
+    check_block_rows("codes", rows, bits)?;
+    Ok(rows * bits as usize / 32)
 }
 
 fn check_isa(isa: Isa) -> Result<()> {

@@ -21,7 +21,7 @@ mod pack_avx2;
 mod unpack_avx2;
 
 pub use bits::{
-    pack_columns, pack_columns_into, pack_columns_to, pack_columns_with, rows_per_block,
+    pack_columns, pack_columns_into, pack_columns_to, pack_columns_with, packed_rows, rows_per_block,
     unpack_columns, unpack_columns_to, unpack_columns_with, unpacked_rows, Stores, EXL2_BITS,
     GPTQ_BITS, STREAM_MIN_BYTES,
 };
