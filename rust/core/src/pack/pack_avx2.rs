@@ -108,6 +108,7 @@ unsafe fn tile<const B: usize, const STREAM: bool>(
                         planes[k],
                         _mm256_and_si256(lo, _mm256_set1_epi8(keep as i8)),
                     );
+                    // The first bits of byte k + 1: set, not OR-ed (no earlier row reaches it).
                     planes[k + 1] = _mm256_and_si256(hi, _mm256_set1_epi8((mask >> (8 - s)) as i8));
                 }
             }
