@@ -4,9 +4,10 @@ For an 8192 x 8192 matrix at each EXL2 width: exl2rs on 1 and 2 threads (each in
 process with RAYON_NUM_THREADS set, since Rayon's pool is sized once per process) and NumPy's
 whole-array shift-and-or packer and unpacker. Every time is the best of --reps runs (the
 machine is shared; interference only adds time). GB/s counts packed int32 bytes for both
-directions. Unpacking is timed twice on both sides: returning a fresh array ("fresh") and
-writing into a preallocated, reused result ("out": `unpack_columns(..., out=buf)` and
-`np_unpack(..., out=buf)`; NumPy's own temporaries are still allocated per call). "floor" is
+directions. Packing and unpacking are each timed twice on both sides: returning a fresh array
+("fresh") and writing into a preallocated, reused result ("out": `pack_columns(..., out=buf)` /
+`unpack_columns(..., out=buf)` against `np_pack(..., out=buf)` / `np_unpack(..., out=buf)`;
+NumPy's own temporaries are still allocated per call). "floor" is
 the time NumPy needs just to allocate and fill a fresh array of the output's size: no function
 returning a new array can beat it, so "max x" = NumPy fresh time / floor bounds the ratio
 achievable without `out=`. Prints a table of ratios and writes JSON to
@@ -34,19 +35,26 @@ WIDTHS = (2, 3, 4, 5, 6, 8)
 RPB = {2: 16, 3: 32, 4: 8, 5: 32, 6: 16, 8: 4}  # rows per block: fills whole int32 words
 
 
-def np_pack(codes: npt.NDArray[np.uint8], bits: int) -> npt.NDArray[np.int32]:
-    """Vectorised NumPy packer: one shift-and-or per row position of a block."""
+def np_pack(
+    codes: npt.NDArray[np.uint8], bits: int, out: npt.NDArray[np.int32] | None = None
+) -> npt.NDArray[np.int32]:
+    """Vectorised NumPy packer: one shift-and-or per row position of a block, written into
+    ``out`` (``[rows*bits/32, cols]`` int32, zeroed first) when given."""
     rows, cols = codes.shape
     r = RPB[bits]
     w = r * bits // 32
     blocks = codes.reshape(rows // r, r, cols).astype(np.uint32)
-    out = np.zeros((rows // r, w, cols), dtype=np.uint32)
+    if out is None:
+        out = np.zeros((rows // r * w, cols), dtype=np.int32)
+    else:
+        out.fill(0)
+    words = out.view(np.uint32).reshape(rows // r, w, cols)
     for i in range(r):
         word, shift = divmod(i * bits, 32)
-        out[:, word] |= blocks[:, i] << np.uint32(shift)
+        words[:, word] |= blocks[:, i] << np.uint32(shift)
         if shift + bits > 32:
-            out[:, word + 1] |= blocks[:, i] >> np.uint32(32 - shift)
-    return out.reshape(rows // r * w, cols).view(np.int32)
+            words[:, word + 1] |= blocks[:, i] >> np.uint32(32 - shift)
+    return out
 
 
 def np_unpack(
@@ -99,8 +107,14 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
         buf = np.empty_like(codes)
         if pk.unpack_columns(packed, bits, out=buf) is not buf or not np.array_equal(buf, codes):
             raise SystemExit(f"{bits}-bit: unpack_columns(out=) does not round-trip")
+        pbuf = np.empty_like(packed)
+        if pk.pack_columns(codes, bits, out=pbuf) is not pbuf or not np.array_equal(pbuf, packed):
+            raise SystemExit(f"{bits}-bit: pack_columns(out=) disagrees with pack_columns")
         res[str(bits)] = {
             "pack_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
+            "pack_out_s": best_s(
+                lambda c=codes, b=bits, o=pbuf: pk.pack_columns(c, b, out=o), reps
+            ),
             "unpack_s": best_s(lambda p=packed, b=bits: pk.unpack_columns(p, b), reps),
             "unpack_out_s": best_s(
                 lambda p=packed, b=bits, o=buf: pk.unpack_columns(p, b, out=o), reps
@@ -155,12 +169,12 @@ def main() -> int:
     print(
         f"pack/unpack along K, {a.rows} x {a.cols} codes, best of {a.reps} reps; "
         "GB/s of packed int32 data; x = NumPy time / exl2rs time (unp: fresh result both "
-        "sides; out: into a reused out= buffer both sides)"
+        "sides; p out / u out: into a reused out= buffer both sides)"
     )
-    head = f"{'bits':>4} {'np pack':>8} {'np unp':>8} {'np u out':>8}"
+    head = f"{'bits':>4} {'np pack':>8} {'np p out':>8} {'np unp':>8} {'np u out':>8}"
     for t in threads:
-        head += f" {f'pack {t}T':>8} {f'unp {t}T':>8} {f'u out {t}T':>9}"
-        head += f" {f'x pk {t}T':>8} {f'x unp {t}T':>9} {f'x out {t}T':>9}"
+        head += f" {f'pack {t}T':>8} {f'p out {t}T':>9} {f'unp {t}T':>8} {f'u out {t}T':>9}"
+        head += f" {f'x pk {t}T':>8} {f'x pout {t}T':>10} {f'x unp {t}T':>9} {f'x uout {t}T':>10}"
     head += f" {'max x pk':>8} {'max x unp':>9}"
     print(head)
     rows_out = []
@@ -169,18 +183,23 @@ def main() -> int:
         packed = np_pack(codes, bits)
         gb = packed.nbytes / 1e9
         buf = np.empty_like(codes)
+        pbuf = np.empty_like(packed)
         npk = best_s(lambda c=codes, b=bits: np_pack(c, b), a.reps)
+        npko = best_s(lambda c=codes, b=bits, o=pbuf: np_pack(c, b, out=o), a.reps)
         npu = best_s(lambda p=packed, b=bits: np_unpack(p, b), a.reps)
         npo = best_s(lambda p=packed, b=bits, o=buf: np_unpack(p, b, out=o), a.reps)
         if not np.array_equal(np_unpack(packed, bits), codes) or not np.array_equal(buf, codes):
             raise SystemExit(f"{bits}-bit: NumPy reference does not round-trip")
+        if not np.array_equal(pbuf, packed):
+            raise SystemExit(f"{bits}-bit: np_pack(out=) disagrees with np_pack")
         floor_pk = best_s(lambda p=packed: np.empty(p.shape, np.int32).fill(1), a.reps)
         floor_unp = best_s(lambda c=codes: np.empty(c.shape, np.uint8).fill(1), a.reps)
-        line = f"{bits:>4} {gb / npk:>8.3f} {gb / npu:>8.3f} {gb / npo:>8.3f}"
+        line = f"{bits:>4} {gb / npk:>8.3f} {gb / npko:>8.3f} {gb / npu:>8.3f} {gb / npo:>8.3f}"
         entry: dict[str, Any] = {
             "bits": bits,
             "packed_bytes": packed.nbytes,
             "numpy_pack_s": npk,
+            "numpy_pack_out_s": npko,
             "numpy_unpack_s": npu,
             "numpy_unpack_out_s": npo,
             "fresh_fill_pack_out_s": floor_pk,
@@ -189,16 +208,18 @@ def main() -> int:
         }
         for t in threads:
             r = runs[t][str(bits)]
-            line += f" {gb / r['pack_s']:>8.2f} {gb / r['unpack_s']:>8.2f}"
-            line += f" {gb / r['unpack_out_s']:>9.2f}"
-            line += f" {npk / r['pack_s']:>7.1f}x {npu / r['unpack_s']:>8.1f}x"
-            line += f" {npo / r['unpack_out_s']:>8.1f}x"
+            line += f" {gb / r['pack_s']:>8.2f} {gb / r['pack_out_s']:>9.2f}"
+            line += f" {gb / r['unpack_s']:>8.2f} {gb / r['unpack_out_s']:>9.2f}"
+            line += f" {npk / r['pack_s']:>7.1f}x {npko / r['pack_out_s']:>9.1f}x"
+            line += f" {npu / r['unpack_s']:>8.1f}x {npo / r['unpack_out_s']:>9.1f}x"
             entry["exl2rs"][str(t)] = {
                 **r,
                 "pack_gbps": gb / r["pack_s"],
+                "pack_out_gbps": gb / r["pack_out_s"],
                 "unpack_gbps": gb / r["unpack_s"],
                 "unpack_out_gbps": gb / r["unpack_out_s"],
                 "pack_vs_numpy": npk / r["pack_s"],
+                "pack_out_vs_numpy_out": npko / r["pack_out_s"],
                 "unpack_vs_numpy": npu / r["unpack_s"],
                 "unpack_out_vs_numpy_out": npo / r["unpack_out_s"],
             }

@@ -204,7 +204,7 @@ def test_columns_any_integer_dtype(dtype: type[np.integer], bits: int) -> None:
     bits=st.sampled_from([2, 3, 4, 5, 6, 8]),
     blocks=st.integers(1, 3),
     cols=st.integers(1, 150),
-    dtype=st.sampled_from([np.uint8, np.int16, np.int32, np.int64]),
+    dtype=st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.int64]),
     data=st.data(),
 )
 def test_range_check_names_first_bad_code(
@@ -214,7 +214,7 @@ def test_range_check_names_first_bad_code(
     rows = blocks * RPB[bits]
     codes = np.zeros((rows, cols), dtype=dtype)
     signed = np.issubdtype(dtype, np.signedinteger)
-    bad = [] if dtype == np.uint8 and bits == 8 else [2**bits]
+    bad = [2**bits] if 2**bits <= np.iinfo(dtype).max else []
     bad += [-1] if signed else []
     if not bad:
         return  # every uint8 value is a valid 8-bit code
@@ -309,3 +309,73 @@ def test_unpack_columns_out_errors() -> None:
     with pytest.raises(PackError, match=r"packed: shape \[2, 64\] .* multiple of 3"):
         pk.unpack_columns(np.zeros((2, 64), np.int32), 3, out=np.zeros((21, 64), np.uint8))
     assert issubclass(PackError, Exl2Error)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_columns_into_out(bits: int) -> None:
+    """``out=`` is filled in place and returned; reusing it overwrites every word, for uint8
+    and int8 codes (the AVX2 byte kernel) and a wide dtype, columns off the 32-column tile,
+    and outputs large enough to use streaming stores."""
+    rng = np.random.default_rng(200 + bits)
+    for rows, cols in [(RPB[bits], 7), (4 * RPB[bits], 130), (2048 // RPB[bits] * RPB[bits], 2048)]:
+        for dtype in [np.uint8, np.int8, np.int16]:
+            hi = min(2**bits, 128) if dtype == np.int8 else 2**bits
+            codes = rng.integers(0, hi, (rows, cols)).astype(dtype)
+            out = np.full((rows * bits // 32, cols), 0x5A5A5A5A, dtype=np.int32)
+            got = pk.pack_columns(codes, bits, out=out)
+            assert got is out
+            np.testing.assert_array_equal(out, ref_pack(codes, bits))
+            np.testing.assert_array_equal(pk.unpack_columns(out, bits), codes)
+            other = rng.integers(0, hi, (rows, cols)).astype(dtype)
+            assert pk.pack_columns(other, bits, out) is out
+            np.testing.assert_array_equal(out, pk.pack_columns(other, bits))
+    # A big output (16 MiB, the streaming threshold) at an odd address: a slice of a larger
+    # buffer; cols % 16 == 0, where the AVX2 packer streams.
+    cols = 4096 + 16
+    rows = -(-(2**27) // (bits * cols * RPB[bits])) * RPB[bits]
+    codes = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+    qrows = rows * bits // 32
+    buf = np.zeros(qrows * cols + 32, dtype=np.int32)
+    out = buf[5 : 5 + qrows * cols].reshape(qrows, cols)
+    assert pk.pack_columns(codes, bits, out) is out
+    np.testing.assert_array_equal(pk.unpack_columns(out, bits), codes)
+    np.testing.assert_array_equal(out, pk.pack_columns(codes, bits))
+    assert not buf[:5].any() and not buf[5 + qrows * cols :].any()
+
+
+def test_pack_columns_out_errors() -> None:
+    codes = np.zeros((16, 64), dtype=np.uint8)
+    want = r"does not match the expected \[4, 64\]"
+    cases: list[tuple[object, str]] = [
+        (np.zeros((4, 63), np.int32), r"out: shape \[4, 63\] " + want),
+        (np.zeros((64, 4), np.int32), r"out: shape \[64, 4\] " + want),
+        (np.zeros(4 * 64, np.int32), r"out: shape \[256\] " + want),
+        (np.zeros((4, 64), np.uint32), r"out: dtype uint32 does not match: expected a C-cont"),
+        (np.zeros((4, 64), np.int64), r"out: dtype int64 does not match"),
+        (np.zeros((4, 64), np.uint8), r"out: dtype uint8 does not match"),
+        (np.zeros((64, 4), np.int32).T, r"out: the array of shape \[4, 64\] is not C-contiguous"),
+        (np.zeros((4, 128), np.int32)[:, ::2], r"is not C-contiguous"),
+        ([[0] * 64] * 4, r"out: expected a C-contiguous, writeable int32 array .* got list"),
+        (torch.zeros((4, 64), dtype=torch.int32), r"out: expected .* got Tensor"),
+    ]
+    for out, msg in cases:
+        with pytest.raises(PackError, match=msg):
+            pk.pack_columns(codes, 8, out=out)  # type: ignore[arg-type]
+    ro = np.zeros((4, 64), np.int32)
+    ro.flags.writeable = False
+    with pytest.raises(PackError, match=r"out: the array of shape \[4, 64\] is read-only"):
+        pk.pack_columns(codes, 8, out=ro)
+    # 8-bit codes fill exactly their own bytes: an out aliasing `codes` is refused.
+    alias = codes.view(np.int32).reshape(4, 64)
+    with pytest.raises(PackError, match="out: the array shares memory with `codes`"):
+        pk.pack_columns(codes, 8, out=alias)
+    # The width and the row count are checked before `out`, so the message names the cause.
+    with pytest.raises(PackError, match="unsupported bit width 7"):
+        pk.pack_columns(codes, 7, out=np.zeros((4, 64), np.int32))
+    with pytest.raises(PackError, match=r"codes: shape \[12\] .* multiple of 8"):
+        pk.pack_columns(codes[:12], 4, out=np.zeros((1, 64), np.int32))
+    # An out-of-range code is reported with `out` too.
+    bad = codes.copy()
+    bad[3, 9] = 4
+    with pytest.raises(PackError, match=r"codes\[3, 9\] = 4 is out of range"):
+        pk.pack_columns(bad, 2, out=np.zeros((1, 64), np.int32))

@@ -172,7 +172,9 @@ class Exl2Measurement:
 
 # pack: EXL2 / GPTQ-v1 tensors. Code arrays may be any integer dtype; words are int32,
 # floats float32. Matrices are [in_features, out_features].
-def pack_columns(codes: npt.NDArray[np.integer[Any]], bits: int) -> npt.NDArray[np.int32]: ...
+def pack_columns(
+    codes: npt.NDArray[np.integer[Any]], bits: int, out: npt.NDArray[np.int32] | None = None
+) -> npt.NDArray[np.int32]: ...
 def unpack_columns(
     packed: npt.NDArray[np.int32], bits: int, out: npt.NDArray[np.uint8] | None = None
 ) -> npt.NDArray[np.uint8]: ...

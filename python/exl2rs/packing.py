@@ -75,12 +75,19 @@ def _i32(x: ArrayLike, name: str, ndim: int) -> npt.NDArray[np.int32]:
     return np.ascontiguousarray(a)
 
 
-def pack_columns(codes: ArrayLike, bits: int) -> npt.NDArray[np.int32]:
+def pack_columns(
+    codes: ArrayLike, bits: int, out: npt.NDArray[np.int32] | None = None
+) -> npt.NDArray[np.int32]:
     """Packs ``[rows, cols]`` codes along the rows (LSB first) into ``[rows*bits/32, cols]``.
 
     Codes of any integer dtype are read in place (no conversion copy); the range check runs
-    inside the packing kernel and names the first code outside ``0..2**bits - 1``."""
-    return _core.pack_columns(_np(codes, "codes", 2, "i"), bits)
+    inside the packing kernel and names the first code outside ``0..2**bits - 1``.
+
+    With ``out`` (a C-contiguous, writeable int32 NumPy array of exactly that shape) the words
+    are written into it and it is returned: reusing one buffer skips allocating and
+    first-touching a new array. On an out-of-range code the error is raised and ``out`` holds
+    unspecified words."""
+    return _core.pack_columns(_np(codes, "codes", 2, "i"), bits, out)
 
 
 def unpack_columns(

@@ -2,7 +2,8 @@
 //! has (the portable fallback always, AVX2 where detected), for every code integer type,
 //! with column counts off the tile width and several parallel tasks; and the fused range
 //! check, which must name the first bad code wherever it sits (tile body or scalar tail).
-//! The unpackers run with cached and streaming stores into outputs at every alignment.
+//! The unpackers run with cached and streaming stores into outputs at every alignment, the
+//! packers with every store kind.
 use exl2rs_core::pack::{
     pack_columns_with, rows_per_block, unpack_columns_with, Code, Isa, PackError, Stores, EXL2_BITS,
 };
@@ -39,7 +40,7 @@ fn pack_as<T: Code>(
     bits: u32,
 ) -> Result<Vec<i32>, PackError> {
     let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    pack_columns_with(isa, codes, rows, cols, bits, &mut out)?;
+    pack_columns_with(isa, Stores::Cached, codes, rows, cols, bits, &mut out)?;
     Ok(out)
 }
 
@@ -77,6 +78,12 @@ fn check_all(codes: &[u8], rows: usize, cols: usize, bits: u32, want: &[i32]) {
                 want,
                 "{isa:?} i8"
             );
+        }
+        // The byte kernel streams where it can (AVX2, cols % 16 == 0); wider types ignore it.
+        for stores in [Stores::Streaming, Stores::Auto] {
+            let mut out = vec![0x5A5A_5A5A; want.len()];
+            pack_columns_with(isa, stores, codes, rows, cols, bits, &mut out).unwrap();
+            assert_eq!(out, want, "{isa:?} {stores:?} u8");
         }
         for stores in [Stores::Cached, Stores::Streaming, Stores::Auto] {
             let mut back = vec![0xAAu8; codes.len()];
@@ -151,13 +158,15 @@ fn lcg_codes(n: usize, bits: u32, seed: u64) -> Vec<u8> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Random widths, block counts and column counts (below, at and across the 64-column
-    /// tile, never a multiple of 8 on purpose half of the time).
+    /// Random widths, block counts and column counts (below, at and across the 32- and
+    /// 64-column tiles, mostly not a multiple of 8 on purpose, and multiples of 16, where the
+    /// AVX2 byte packer streams).
     #[test]
     fn kernels_match_reference(
         bits in prop::sample::select(EXL2_BITS.to_vec()),
         blocks in 1usize..6,
-        cols in prop_oneof![1usize..8, 60usize..70, 120usize..200],
+        cols in prop_oneof![1usize..8, 60usize..70, 120usize..200,
+                            (1usize..10).prop_map(|m| 16 * m)],
         seed in any::<u64>(),
     ) {
         let rows = blocks * rows_per_block(bits);
@@ -265,7 +274,8 @@ fn isa_detection_is_consistent() {
         assert_eq!(Isa::detect(), Isa::Avx2);
     } else {
         let mut out = vec![0i32; 1];
-        let err = pack_columns_with(Isa::Avx2, &[0u8; 8], 8, 1, 4, &mut out).unwrap_err();
+        let err =
+            pack_columns_with(Isa::Avx2, Stores::Cached, &[0u8; 8], 8, 1, 4, &mut out).unwrap_err();
         assert!(err.to_string().contains("isa"), "{err}");
     }
 }

@@ -26,19 +26,22 @@ pub const GPTQ_BITS: [u32; 4] = [2, 3, 4, 8];
 /// cached line; unpacking 512 KiB in L2 streamed ran ~10× slower than cached.)
 pub const STREAM_MIN_BYTES: usize = 16 << 20;
 
-/// How the unpacker writes its output.
+/// How the packer and the unpacker write their output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stores {
     /// Streaming for outputs of at least [`STREAM_MIN_BYTES`], through the cache below: for
     /// a destination that is already mapped (a reused buffer). Memory that has never been
     /// touched is faster with [`Stores::Cached`]: the page-fault handler has just zeroed each
-    /// page through the cache (8192² 2-bit codes into fresh huge pages: 18 ms cached against
-    /// 21 ms streamed; into a reused buffer 8.4 ms against 6.5 ms).
+    /// page through the cache (unpacking 8192² 2-bit codes into fresh huge pages: 18 ms
+    /// cached against 21 ms streamed; into a reused buffer 8.4 ms against 6.5 ms). Packing
+    /// into fresh huge pages measured the same either way (its output is the smaller side),
+    /// into 4 KiB pages 10–30% faster cached, into reused memory up to 2× faster streamed.
     Auto,
     /// Ordinary stores, through the cache.
     Cached,
-    /// Non-temporal stores where the kernel can use them (AVX2, rows a multiple of 64
-    /// columns; ordinary stores otherwise).
+    /// Non-temporal stores where the kernel can use them (AVX2 and rows a multiple of 64
+    /// columns for unpacking, AVX2 with u8/i8 codes and a multiple of 16 for packing;
+    /// ordinary stores otherwise).
     Streaming,
 }
 
@@ -114,15 +117,24 @@ pub(crate) fn first_bad_code<T: Code>(
 /// `[rows·bits/32, cols]` words. `rows` must be a multiple of [`rows_per_block`]. Any integer
 /// type is read as is (no conversion pass); the range check is fused into the packer.
 pub fn pack_columns<T: Code>(codes: &[T], rows: usize, cols: usize, bits: u32) -> Result<Vec<i32>> {
-    check_bits("pack_columns", bits, &EXL2_BITS)?;
-    let mut out = vec![0i32; rows * bits as usize / 32 * cols];
-    pack_columns_to(codes, rows, cols, bits, &mut out)?;
+    let mut out = vec![0i32; packed_rows(rows, bits)? * cols];
+    // A fresh allocation: its pages are first touched here (see `Stores::Auto`).
+    pack_columns_with(
+        Isa::detect(),
+        Stores::Cached,
+        codes,
+        rows,
+        cols,
+        bits,
+        &mut out,
+    )?;
     Ok(out)
 }
 
 /// [`pack_columns`] into a caller-provided `out` of `[rows·bits/32, cols]` words (lets the
 /// caller reuse buffers or hand in memory it allocated, e.g. a NumPy array). On an
-/// out-of-range code `out` holds unspecified words.
+/// out-of-range code `out` holds unspecified words. Large outputs are written with streaming
+/// stores (see [`Stores::Auto`]).
 pub fn pack_columns_to<T: Code>(
     codes: &[T],
     rows: usize,
@@ -130,25 +142,34 @@ pub fn pack_columns_to<T: Code>(
     bits: u32,
     out: &mut [i32],
 ) -> Result<()> {
-    pack_columns_with(Isa::detect(), codes, rows, cols, bits, out)
+    pack_columns_with(Isa::detect(), Stores::Auto, codes, rows, cols, bits, out)
 }
 
-/// [`pack_columns_to`] with an explicit instruction set (tests and benchmarks compare them).
-/// Fails if `isa` is not available on this CPU.
+/// [`pack_columns_to`] with an explicit instruction set and store kind (tests and benchmarks
+/// compare them). Fails if `isa` is not available on this CPU.
 pub fn pack_columns_with<T: Code>(
     isa: Isa,
+    stores: Stores,
     codes: &[T],
     rows: usize,
     cols: usize,
     bits: u32,
     out: &mut [i32],
 ) -> Result<()> {
-    check_bits("pack_columns", bits, &EXL2_BITS)?;
+    let qrows = packed_rows(rows, bits)?;
     check_isa(isa)?;
     check_len("codes", codes.len(), &[rows, cols])?;
+    check_len("out", out.len(), &[qrows, cols])?;
+    pack_checked(isa, stores, "codes", codes, cols, bits, out, 0)
+}
+
+/// The word rows `rows` rows of `bits`-bit codes pack to (`rows·bits/32`), after checking the
+/// width and that `rows` is a whole number of blocks: lets a caller size (or check) an output
+/// buffer before packing into it.
+pub fn packed_rows(rows: usize, bits: u32) -> Result<usize> {
+    check_bits("pack_columns", bits, &EXL2_BITS)?;
     check_block_rows("codes", rows, bits)?;
-    check_len("out", out.len(), &[rows * bits as usize / 32, cols])?;
-    pack_checked(isa, "codes", codes, cols, bits, out, 0)
+    Ok(rows * bits as usize / 32)
 }
 
 fn check_isa(isa: Isa) -> Result<()> {
@@ -166,8 +187,10 @@ fn check_isa(isa: Isa) -> Result<()> {
 
 /// Packs validated shapes, checking the code range on the fly; the error names the first
 /// bad code (row offset by `row0`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_checked<T: Code>(
     isa: Isa,
+    stores: Stores,
     tensor: &'static str,
     codes: &[T],
     cols: usize,
@@ -175,7 +198,7 @@ pub(crate) fn pack_checked<T: Code>(
     out: &mut [i32],
     row0: usize,
 ) -> Result<()> {
-    let ored = pack_par(isa, codes, cols, bits, out);
+    let ored = pack_par(isa, stores, codes, cols, bits, out);
     if or_out_of_range(ored, bits) {
         Err(first_bad_code(tensor, codes, cols, bits, row0).expect("the OR saw a bad code"))
     } else {
@@ -265,8 +288,9 @@ pub(crate) fn check_block_rows(tensor: &'static str, rows: usize, bits: u32) -> 
 
 /// Packs codes already known to be in range into `out` (`[rows·bits/32, cols]`). Callers
 /// guarantee the shapes and `bits` ∈ [`EXL2_BITS`]; out-of-range codes corrupt neighbours.
+/// Callers pack into fresh allocations, hence ordinary stores (see [`Stores::Auto`]).
 pub fn pack_columns_into(codes: &[u8], cols: usize, bits: u32, out: &mut [i32]) {
-    pack_par(Isa::detect(), codes, cols, bits, out);
+    pack_par(Isa::detect(), Stores::Cached, codes, cols, bits, out);
 }
 
 /// Unpacks validated words into `out` (`[qrows·32/bits, cols]`), in parallel over blocks.
@@ -281,16 +305,25 @@ fn blocks_per_task(bits: u32, cols: usize) -> usize {
 }
 
 /// Parallel packing over whole blocks; returns the OR of every code.
-fn pack_par<T: Code>(isa: Isa, codes: &[T], cols: usize, bits: u32, out: &mut [i32]) -> T {
+fn pack_par<T: Code>(
+    isa: Isa,
+    stores: Stores,
+    codes: &[T],
+    cols: usize,
+    bits: u32,
+    out: &mut [i32],
+) -> T {
     if cols == 0 || codes.is_empty() {
         return T::ZERO;
     }
+    // Decided once for the whole output: a large matrix split into small tasks still streams.
+    let stream = stores.stream(std::mem::size_of_val(out));
     let n = blocks_per_task(bits, cols);
     let (rpb, wpb) = (rows_per_block(bits), words_per_block(bits));
     codes
         .par_chunks(rpb * cols * n)
         .zip(out.par_chunks_mut(wpb * cols * n))
-        .map(|(src, dst)| kernels::pack_seq(isa, bits, src, cols, dst))
+        .map(|(src, dst)| kernels::pack_seq(isa, bits, src, cols, dst, stream))
         .reduce(|| T::ZERO, T::or)
 }
 

@@ -14,7 +14,7 @@
 //! stored scale. This crate keeps `q_scale_max` as f32; the export casts it to fp16.
 use rayon::prelude::*;
 
-use super::bits::{pack_checked, pack_row, unpack_columns_into, unpack_row};
+use super::bits::{pack_checked, pack_row, unpack_columns_into, unpack_row, Stores};
 use super::kernels::Isa;
 use super::layout::GroupLayout;
 use super::{check_len, invert_permutation, PackError, Result};
@@ -144,7 +144,7 @@ impl Exl2Packed {
                 let part = &codes[r0 * cols..(r0 + grp.rows) * cols];
                 let bits = u32::from(grp.bits);
                 if np == cols {
-                    pack_checked(isa, "codes", part, cols, bits, out, r0)
+                    pack_checked(isa, Stores::Cached, "codes", part, cols, bits, out, r0)
                 } else {
                     // Padded columns hold the zero code; the column index of a bad code is
                     // unchanged by the padding at the end of each row.
@@ -153,7 +153,7 @@ impl Exl2Packed {
                     for (dst, src) in buf.chunks_exact_mut(np).zip(part.chunks_exact(cols)) {
                         dst[..cols].copy_from_slice(src);
                     }
-                    pack_checked(isa, "codes", &buf, np, bits, out, r0)
+                    pack_checked(isa, Stores::Cached, "codes", &buf, np, bits, out, r0)
                 }
             })
             .collect();

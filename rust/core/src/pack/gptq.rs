@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::bits::{
     check_bits, check_block_rows, pack_checked, pack_row, rows_per_block, unpack_columns_into,
-    unpack_row, GPTQ_BITS,
+    unpack_row, Stores, GPTQ_BITS,
 };
 use super::kernels::Isa;
 use super::{check_len, invert_permutation, PackError, Result};
@@ -144,7 +144,16 @@ impl GptqPacked {
         check_len("scales", scales.len(), &[groups, cols])?;
         check_g_idx(g_idx, groups)?;
         let mut qweight = vec![0i32; rows * bits as usize / 32 * cols];
-        pack_checked(Isa::detect(), "codes", codes, cols, bits, &mut qweight, 0)?;
+        pack_checked(
+            Isa::detect(),
+            Stores::Cached,
+            "codes",
+            codes,
+            cols,
+            bits,
+            &mut qweight,
+            0,
+        )?;
         let top = 1u16 << bits;
         if let Some(p) = zeros.iter().position(|&z| z == 0 || z > top) {
             return Err(PackError::OutOfRange {

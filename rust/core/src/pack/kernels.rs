@@ -30,10 +30,18 @@ pub trait Code: Copy + Send + Sync + std::fmt::Debug + 'static {
     fn or(self, other: Self) -> Self;
     /// The value, exactly, for range checks and error messages.
     fn value(self) -> i128;
+    /// Runs `f` on the codes' bytes when `Self` is one byte wide (u8, i8) and returns its
+    /// OR of those bytes as `Self`, or `None` for wider types. The byte kernels only move bit
+    /// patterns, so one written for u8 serves i8 too, and i8's OR keeps the sign bit that
+    /// marks a negative code.
+    fn with_bytes(codes: &[Self], f: impl FnOnce(&[u8]) -> u8) -> Option<Self> {
+        let _ = (codes, f);
+        None
+    }
 }
 
 macro_rules! impl_code {
-    ($($t:ty),*) => {$(
+    ($($t:ty $({ $($extra:item)* })?),* $(,)?) => {$(
         impl Code for $t {
             const ZERO: Self = 0;
             #[inline(always)]
@@ -48,10 +56,31 @@ macro_rules! impl_code {
             fn value(self) -> i128 {
                 self as i128
             }
+            $($($extra)*)?
         }
     )*};
 }
-impl_code!(u8, i8, u16, i16, u32, i32, u64, i64);
+impl_code!(
+    u8 {
+        fn with_bytes(codes: &[u8], f: impl FnOnce(&[u8]) -> u8) -> Option<u8> {
+            Some(f(codes))
+        }
+    },
+    i8 {
+        fn with_bytes(codes: &[i8], f: impl FnOnce(&[u8]) -> u8) -> Option<i8> {
+            // SAFETY: i8 and u8 have the same size and alignment and every bit pattern is a
+            // valid u8; the view borrows `codes` for no longer than `codes` itself.
+            let bytes = unsafe { std::slice::from_raw_parts(codes.as_ptr().cast::<u8>(), codes.len()) };
+            Some(f(bytes) as i8)
+        }
+    },
+    u16,
+    i16,
+    u32,
+    i32,
+    u64,
+    i64,
+);
 
 /// Whether an OR of codes (see [`Code`]) has a bit outside `bits` bits, i.e. some code was
 /// negative or `>= 2^bits`.
@@ -180,23 +209,38 @@ fn pack_blocks<T: Code, const B: usize>(codes: &[T], cols: usize, out: &mut [i32
             }
         }
         for c in full..cols {
-            let mut words = [0u32; 5];
-            for i in 0..r {
-                let x = blk[i * cols + c];
-                tail = tail.or(x);
-                let bit = i * B;
-                let v = u64::from(x.low_byte()) << (bit % 32);
-                words[bit / 32] |= v as u32;
-                if bit % 32 + B > 32 {
-                    words[bit / 32 + 1] |= (v >> 32) as u32;
-                }
-            }
-            for (wi, &x) in words[..w].iter().enumerate() {
-                dst[wi * cols + c] = x as i32;
-            }
+            tail = tail.or(pack_column::<T, B>(blk, cols, c, dst));
         }
     }
     lanes.iter().fold(tail, |a, &b| a.or(b))
+}
+
+/// Packs column `c` of one block (`blk`: `[R, cols]` codes, `dst`: `[W, cols]` words), one
+/// code at a time: the path for columns outside whole tiles. Returns the OR of its codes.
+#[inline(always)]
+pub(super) fn pack_column<T: Code, const B: usize>(
+    blk: &[T],
+    cols: usize,
+    c: usize,
+    dst: &mut [i32],
+) -> T {
+    let (g, w) = shape(B);
+    let mut ored = T::ZERO;
+    let mut words = [0u32; 5];
+    for i in 0..4 * g {
+        let x = blk[i * cols + c];
+        ored = ored.or(x);
+        let bit = i * B;
+        let v = u64::from(x.low_byte()) << (bit % 32);
+        words[bit / 32] |= v as u32;
+        if bit % 32 + B > 32 {
+            words[bit / 32 + 1] |= (v >> 32) as u32;
+        }
+    }
+    for (wi, &x) in words[..w].iter().enumerate() {
+        dst[wi * cols + c] = x as i32;
+    }
+    ored
 }
 
 /// Unpacks whole blocks of `B`-bit words (`[k·W, cols]`) into codes (`[k·R, cols]`).
@@ -311,15 +355,40 @@ fn unpack_portable<const B: usize>(packed: &[i32], cols: usize, out: &mut [u8]) 
 }
 
 /// Packs whole blocks sequentially with `isa`, returning the OR of all codes.
-/// `isa` must be [`Isa::available`]; `bits` an EXL2 width; shapes whole blocks.
+/// `isa` must be [`Isa::available`]; `bits` an EXL2 width; shapes whole blocks. One-byte codes
+/// on AVX2 take the hand-written kernel (`pack_avx2`), which honours `stream` (non-temporal
+/// stores) where the layout allows; the generic kernels always store through the cache.
 pub(crate) fn pack_seq<T: Code>(
     isa: Isa,
     bits: u32,
     codes: &[T],
     cols: usize,
     out: &mut [i32],
+    stream: bool,
 ) -> T {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        use super::pack_avx2::pack;
+        let bytes = T::with_bytes(codes, |c| {
+            // SAFETY: AVX2 availability is asserted above.
+            unsafe {
+                match bits {
+                    2 => pack::<2>(c, cols, out, stream),
+                    3 => pack::<3>(c, cols, out, stream),
+                    4 => pack::<4>(c, cols, out, stream),
+                    5 => pack::<5>(c, cols, out, stream),
+                    6 => pack::<6>(c, cols, out, stream),
+                    8 => pack::<8>(c, cols, out, stream),
+                    _ => unreachable!("bit width validated by the caller"),
+                }
+            }
+        });
+        if let Some(ored) = bytes {
+            return ored;
+        }
+    }
+    let _ = stream;
     // SAFETY (AVX2 arms): availability is asserted above.
     dispatch!(isa, bits, pack_portable, pack_avx2, [T], (codes, cols, out))
 }

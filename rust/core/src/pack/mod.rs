@@ -16,12 +16,14 @@ pub mod gptq;
 pub mod kernels;
 pub mod layout;
 #[cfg(target_arch = "x86_64")]
+mod pack_avx2;
+#[cfg(target_arch = "x86_64")]
 mod unpack_avx2;
 
 pub use bits::{
-    pack_columns, pack_columns_into, pack_columns_to, pack_columns_with, rows_per_block,
-    unpack_columns, unpack_columns_to, unpack_columns_with, unpacked_rows, Stores, EXL2_BITS,
-    GPTQ_BITS, STREAM_MIN_BYTES,
+    pack_columns, pack_columns_into, pack_columns_to, pack_columns_with, packed_rows,
+    rows_per_block, unpack_columns, unpack_columns_to, unpack_columns_with, unpacked_rows, Stores,
+    EXL2_BITS, GPTQ_BITS, STREAM_MIN_BYTES,
 };
 pub use exl2::{Exl2Packed, Exl2Tensors, Exl2Unpacked};
 pub use gptq::{g_idx as gptq_g_idx, GptqPacked, GptqTensors, GptqUnpacked};

@@ -41,7 +41,7 @@ const TILE: usize = 64;
 const PREFETCH: usize = 4 * TILE;
 
 #[inline(always)]
-fn prefetch_row(p: *const u8) {
+pub(super) fn prefetch_row(p: *const u8) {
     // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is part of
     // the x86-64 baseline.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) }
@@ -113,6 +113,7 @@ macro_rules! shift16 {
         }
     };
 }
+pub(super) use shift16;
 
 /// Code row `i` of a block (bits `[i·B, i·B + B)` of each column's stream) from its planes.
 ///
