@@ -1,5 +1,5 @@
-"""Per-linear sensitivities (empirical Fisher of each linear's output) and their use as the
-default allocation weights."""
+"""Per-linear sensitivities (the Fisher of each linear's output: true, from labels drawn from the
+model, or empirical) and their use as the default allocation weights."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_streamed_sensitivities_match_whole_model_autograd(tmp_path: Path) -> No
     model = small_llama(tmp_path / "m", layers=3, seed=3)
     ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
     sm = StreamingModel(model, chunk_tokens=48)  # 2 rows per chunk: exercises chunking
-    got = linear_sensitivities(sm, ids)
+    got = linear_sensitivities(sm, ids, fisher="empirical")
     want = _reference(model, ids)
     assert sorted(got) == sorted(want) and len(got) == 3 * 7
     for name, v in want.items():
@@ -79,7 +79,8 @@ def test_measurement_records_sensitivities_and_allocation_uses_them(tmp_path: Pa
     assert m.has_sensitivities and m.resolve_scale("auto") == "fisher"
     doc = json.loads(path.read_text())
     recorded = {rec["name"]: rec["sensitivity"] for rec in doc["linears"]}
-    expect = linear_sensitivities(StreamingModel(model), ids[:2])
+    # The default estimator is the true Fisher, its labels drawn with measure's seed (0).
+    expect = linear_sensitivities(StreamingModel(model), ids[:2], fisher="true", seed=0)
     assert recorded == pytest.approx(expect, rel=1e-6)
     # The default objective is Σ sensitivity · tr(ΔW H ΔWᵀ).
     a = allocate(path, 5.0)
@@ -98,6 +99,20 @@ def test_measurement_records_sensitivities_and_allocation_uses_them(tmp_path: Pa
     )
     mb = Measurement.load(bare)
     assert not mb.has_sensitivities and mb.resolve_scale("auto") == "relative"
+    # The empirical estimator on request (same rows, the text's labels).
+    emp = measure(
+        model,
+        tmp_path / "emp.json",
+        calibration=ids,
+        progress=False,
+        threads=1,
+        workers=1,
+        sensitivity_tokens=64,
+        fisher="empirical",
+    )
+    got = {r["name"]: r["sensitivity"] for r in json.loads(emp.read_text())["linears"]}
+    want = linear_sensitivities(StreamingModel(model), ids[:2], fisher="empirical")
+    assert got == pytest.approx(want, rel=1e-6) and got != pytest.approx(recorded, rel=1e-3)
     with pytest.raises(Exception, match="no sensitivity"):
         mb.linear_problem("fisher")
     # add_sensitivities upgrades such a file in place (the allocation then uses them) ...
@@ -157,7 +172,7 @@ def test_true_fisher_sampling_estimates_the_model_fisher(tmp_path: Path) -> None
     runs = [linear_sensitivities(sm, ids, fisher="true", seed=s) for s in range(seeds)]
     assert runs[0] == linear_sensitivities(sm, ids, fisher="true", seed=0)
     assert runs[0] != runs[1]
-    empirical = linear_sensitivities(sm, ids)
+    empirical = linear_sensitivities(sm, ids, fisher="empirical")
     dev = {}
     for name, v in want.items():
         mean = sum(r[name] for r in runs) / seeds

@@ -1,11 +1,20 @@
-"""Per-linear sensitivities: the empirical Fisher of each decoder linear's output.
+"""Per-linear sensitivities: the Fisher of each decoder linear's output.
 
-For a linear with output ``y`` and a calibration loss ``L`` (next-token cross-entropy), a small
-output error ``Δy`` adds about ``½ Σ_t Σ_c E[(∂L/∂y_tc)²] Δy_tc²`` to the loss. With the
-per-linear mean ``s = mean_tc (∂L/∂y_tc)²`` this is ``½ · s · tr(ΔW H ΔWᵀ)``: the measured GPTQ
-error times one number per linear, which makes errors of different layers and kinds comparable
-(the raw errors grow with the residual stream's depth while their effect on the loss shrinks;
-the relative ones over-weight linears with small outputs, v_proj and k_proj).
+For a linear with output ``y``, a small output error ``Δy`` adds about
+``½ Σ_t Σ_c F_tc Δy_tc²`` to KL(model ‖ quantized) and to the calibration cross-entropy's
+second-order (Gauss-Newton) term, with ``F`` the diagonal of the model's Fisher:
+``F_tc = E_{labels ~ model}[(∂L/∂y_tc)²]`` for ``L`` the next-token cross-entropy of labels
+drawn from the model itself. With the per-linear mean ``s = mean_tc F_tc`` this is
+``½ · s · tr(ΔW H ΔWᵀ)``: the measured GPTQ error times one number per linear, which makes
+errors of different layers and kinds comparable (the raw errors grow with the residual
+stream's depth while their effect on the loss shrinks; the relative ones over-weight linears
+with small outputs, v_proj and k_proj).
+
+The default estimator (``fisher="true"``) draws one label per position from the model and
+differentiates its cross-entropy: unbiased for ``F``. ``"empirical"`` differentiates the text's
+own next tokens instead (the empirical Fisher), which weights positions by how wrong the model
+is rather than by how far its prediction can move; on SmolLM2 it over-weights the first layers
+by 1.5–2× against the last, and its allocations lose at 2.5 bpw (benches/RESULTS.md, "Quality").
 
 Streamed like the measurement: a forward pass keeps each layer's input states (CPU fp32,
 ``rows × length × hidden`` per layer), then the backward pass loads one layer at a time from
@@ -36,7 +45,7 @@ __all__ = [
 
 FisherKind = Literal["true", "empirical"]
 FISHER_KINDS: tuple[FisherKind, ...] = ("true", "empirical")
-DEFAULT_FISHER: FisherKind = "empirical"
+DEFAULT_FISHER: FisherKind = "true"
 
 
 def linear_sensitivities(
