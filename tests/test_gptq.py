@@ -244,8 +244,9 @@ def test_cuda_matches_cpu(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
 
 @pytest.mark.cuda
 def test_cuda_batches_give_identical_results(layer: tuple[torch.Tensor, gptq.Prepared]) -> None:
-    """On CUDA the default budget follows free memory, so batch sizes vary between runs: the
-    results must not depend on them (cuBLAS may pick other kernels for other batch counts)."""
+    """Batch sizes differ between GPU models (the default budget is a fraction of the device's
+    memory) and with ``max_batch_bytes``: the results must not depend on them (cuBLAS may pick
+    other kernels for other batch counts)."""
     from exl2rs.qparams import candidates
 
     if not torch.cuda.is_available():

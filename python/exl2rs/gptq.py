@@ -61,9 +61,12 @@ LAZY_BLOCK_ROWS = 32
 # quantized rows, plus either the fp32 working copy (during GPTQ) or the fp32 [N, K] result
 # (built after the working copy is freed).
 BATCH_BYTES_PER_WEIGHT = 2 + 4 + 4
-# Budget for one batch on CPU; on CUDA it is CUDA_FREE_FRACTION of the memory free at the time.
+# Budget for one batch on CPU; on CUDA it is CUDA_TOTAL_FRACTION of the device's memory. Not
+# of the memory free at the time: the batch split must not depend on what else runs, so that
+# a measurement on one GPU model is reproducible (cuBLAS may pick other kernels for other
+# batch counts).
 DEFAULT_MAX_BATCH_BYTES = 2 << 30
-CUDA_FREE_FRACTION = 0.5
+CUDA_TOTAL_FRACTION = 0.25
 
 # "hessian" (default): bracketed search on the Hessian-weighted loss; "hessian_full": the same
 # loss over all 97 grid points (the exhaustive reference); "exl2": EXL2's own rule.
@@ -407,14 +410,12 @@ def quantize(
 
 
 def default_max_batch_bytes(device: torch.device | str) -> int:
-    """Batch budget on ``device``: ``DEFAULT_MAX_BATCH_BYTES`` on CPU; on CUDA a fraction of the
-    memory free now, counting blocks this process's allocator holds unused as free."""
+    """Batch budget on ``device``: ``DEFAULT_MAX_BATCH_BYTES`` on CPU; on CUDA a fixed fraction
+    of the device's total memory (the same split on every run on one GPU model)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return DEFAULT_MAX_BATCH_BYTES
-    free, _ = torch.cuda.mem_get_info(dev)
-    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    return int(free * CUDA_FREE_FRACTION)
+    return int(torch.cuda.get_device_properties(dev).total_memory * CUDA_TOTAL_FRACTION)
 
 
 def batch_size(k: int, n: int, configs: int, max_batch_bytes: int) -> int:
@@ -446,7 +447,6 @@ def _batches(
     w32 = weight.to(dev, torch.float32)
     done = 0
     while done < len(configs):
-        # The default budget is re-read per batch: on CUDA free memory shrinks as results pile up.
         budget = default_max_batch_bytes(dev) if max_batch_bytes is None else max_batch_bytes
         size = batch_size(k, n, len(configs) - done, budget)
         part = layouts[done : done + size]
