@@ -4,14 +4,16 @@ For an 8192 x 8192 matrix at each EXL2 width: exl2rs on 1 and 2 threads (each in
 process with RAYON_NUM_THREADS set, since Rayon's pool is sized once per process) and NumPy's
 whole-array shift-and-or packer and unpacker. Every time is the best of --reps runs (the
 machine is shared; interference only adds time). GB/s counts packed int32 bytes for both
-directions. Packing and unpacking are each timed twice on both sides: returning a fresh array
-("fresh") and writing into a preallocated, reused result ("out": `pack_columns(..., out=buf)` /
+directions. Packing and unpacking are each timed on both sides returning a fresh array
+("fresh": each call's result is dropped before the next, as in a loop over matrices; exl2rs
+by default recycles a dropped large result's memory for the next one of the same size) and
+writing into a preallocated, reused result ("out": `pack_columns(..., out=buf)` /
 `unpack_columns(..., out=buf)` against `np_pack(..., out=buf)` / `np_unpack(..., out=buf)`;
-NumPy's own temporaries are still allocated per call). "floor" is
-the time NumPy needs just to allocate and fill a fresh array of the output's size: no function
-returning a new array can beat it, so "max x" = NumPy fresh time / floor bounds the ratio
-achievable without `out=`. Prints a table of ratios and writes JSON to
-benches/out/bench_pack.json.
+NumPy's own temporaries are still allocated per call). exl2rs is also timed "cold", with
+recycling off (`set_output_cache(0)`), so every result is new memory as on a first call.
+"floor" is the time NumPy needs just to allocate and fill a fresh array of the output's size:
+no function returning new memory can beat it, so "max x" = NumPy fresh time / floor bounds the
+cold ratio. Prints a table of ratios and writes JSON to benches/out/bench_pack.json.
 
     python benches/bench_pack.py [--rows 8192] [--cols 8192] [--reps 5] [--threads 1,2]
 """
@@ -89,6 +91,15 @@ def best_s(fn: Callable[[], object], reps: int) -> float:
     return min(times)
 
 
+def cold_s(pk: Any, fn: Callable[[], object], reps: int, cache_bytes: int) -> float:
+    """best_s with result recycling off (every result in new memory)."""
+    pk.set_output_cache(0)
+    try:
+        return best_s(fn, reps)
+    finally:
+        pk.set_output_cache(cache_bytes)
+
+
 def make_codes(rows: int, cols: int, bits: int) -> npt.NDArray[np.uint8]:
     rng = np.random.default_rng(bits)
     return rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
@@ -99,6 +110,7 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
     from exl2rs import packing as pk
 
     res: dict[str, Any] = {}
+    cache_bytes = pk.output_cache_info()["max_bytes"]
     for bits in WIDTHS:
         codes = make_codes(rows, cols, bits)
         packed = pk.pack_columns(codes, bits)
@@ -110,7 +122,16 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
         pbuf = np.empty_like(packed)
         if pk.pack_columns(codes, bits, out=pbuf) is not pbuf or not np.array_equal(pbuf, packed):
             raise SystemExit(f"{bits}-bit: pack_columns(out=) disagrees with pack_columns")
+        # "cold": every fresh result in new memory (recycling off), as on a first call or a
+        # loop whose sizes never repeat; the default recycles dropped results of equal size.
+        pk.set_output_cache(0)
+        cold = {
+            "pack_cold_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
+            "unpack_cold_s": best_s(lambda p=packed, b=bits: pk.unpack_columns(p, b), reps),
+        }
+        pk.set_output_cache(cache_bytes)
         res[str(bits)] = {
+            **cold,
             "pack_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
             "pack_out_s": best_s(
                 lambda c=codes, b=bits, o=pbuf: pk.pack_columns(c, b, out=o), reps
@@ -131,6 +152,7 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
     res["exl2_mixed"] = {
         "pack_s": best_s(lambda: pk.pack_exl2(codes, groups, scales, sm, perm), reps),
         "dequant_s": best_s(t.dequantize, reps),
+        "dequant_cold_s": cold_s(pk, t.dequantize, reps, cache_bytes),
         "packed_bytes": int(t.q_weight.nbytes),
     }
     return res
@@ -169,12 +191,15 @@ def main() -> int:
     print(
         f"pack/unpack along K, {a.rows} x {a.cols} codes, best of {a.reps} reps; "
         "GB/s of packed int32 data; x = NumPy time / exl2rs time (unp: fresh result both "
-        "sides; p out / u out: into a reused out= buffer both sides)"
+        "sides, exl2rs recycling dropped results (the default); pcold / ucold: exl2rs with "
+        "recycling off, every result in new memory; p out / u out: into a reused out= "
+        "buffer both sides)"
     )
     head = f"{'bits':>4} {'np pack':>8} {'np p out':>8} {'np unp':>8} {'np u out':>8}"
     for t in threads:
         head += f" {f'pack {t}T':>8} {f'p out {t}T':>9} {f'unp {t}T':>8} {f'u out {t}T':>9}"
-        head += f" {f'x pk {t}T':>8} {f'x pout {t}T':>10} {f'x unp {t}T':>9} {f'x uout {t}T':>10}"
+        head += f" {f'x pk {t}T':>8} {f'x pcold {t}T':>11} {f'x pout {t}T':>10}"
+        head += f" {f'x unp {t}T':>9} {f'x ucold {t}T':>11} {f'x uout {t}T':>10}"
     head += f" {'max x pk':>8} {'max x unp':>9}"
     print(head)
     rows_out = []
@@ -210,8 +235,10 @@ def main() -> int:
             r = runs[t][str(bits)]
             line += f" {gb / r['pack_s']:>8.2f} {gb / r['pack_out_s']:>9.2f}"
             line += f" {gb / r['unpack_s']:>8.2f} {gb / r['unpack_out_s']:>9.2f}"
-            line += f" {npk / r['pack_s']:>7.1f}x {npko / r['pack_out_s']:>9.1f}x"
-            line += f" {npu / r['unpack_s']:>8.1f}x {npo / r['unpack_out_s']:>9.1f}x"
+            line += f" {npk / r['pack_s']:>7.1f}x {npk / r['pack_cold_s']:>10.1f}x"
+            line += f" {npko / r['pack_out_s']:>9.1f}x"
+            line += f" {npu / r['unpack_s']:>8.1f}x {npu / r['unpack_cold_s']:>10.1f}x"
+            line += f" {npo / r['unpack_out_s']:>9.1f}x"
             entry["exl2rs"][str(t)] = {
                 **r,
                 "pack_gbps": gb / r["pack_s"],
@@ -219,6 +246,8 @@ def main() -> int:
                 "unpack_gbps": gb / r["unpack_s"],
                 "unpack_out_gbps": gb / r["unpack_out_s"],
                 "pack_vs_numpy": npk / r["pack_s"],
+                "pack_cold_vs_numpy": npk / r["pack_cold_s"],
+                "unpack_cold_vs_numpy": npu / r["unpack_cold_s"],
                 "pack_out_vs_numpy_out": npko / r["pack_out_s"],
                 "unpack_vs_numpy": npu / r["unpack_s"],
                 "unpack_out_vs_numpy_out": npo / r["unpack_out_s"],
@@ -232,7 +261,7 @@ def main() -> int:
         print(
             f"  {t}T: pack_exl2 {m['pack_s'] * 1e3:.1f} ms "
             f"({m['packed_bytes'] / 1e9 / m['pack_s']:.2f} GB/s), "
-            f"dequantize {m['dequant_s'] * 1e3:.1f} ms"
+            f"dequantize {m['dequant_s'] * 1e3:.1f} ms (cold {m['dequant_cold_s'] * 1e3:.1f} ms)"
         )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {

@@ -3,6 +3,9 @@ against plain NumPy formulas, and errors that name the tensor and value."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -379,3 +382,135 @@ def test_pack_columns_out_errors() -> None:
     bad[3, 9] = 4
     with pytest.raises(PackError, match=r"codes\[3, 9\] = 4 is out of range"):
         pk.pack_columns(bad, 2, out=np.zeros((1, 64), np.int32))
+
+
+# Recycled results: large fresh outputs reuse the memory of dropped results of the same size.
+
+MIN_POOLED = pk.output_cache_info()["min_pooled_bytes"]
+
+
+@pytest.fixture
+def output_cache() -> Iterator[None]:
+    """A fresh, enabled pool for the test; the previous limit is restored after it."""
+    before = pk.output_cache_info()["max_bytes"]
+    pk.set_output_cache(256 << 20)
+    pk.clear_output_cache()
+    yield
+    pk.set_output_cache(before)
+
+
+def pooled_rows(bits: int, cols: int, out_bytes_per_row: float) -> int:
+    """A row count (whole blocks) whose output is just above the pooling threshold."""
+    rows = int(MIN_POOLED / (out_bytes_per_row * cols)) + 1
+    return -(-rows // RPB[bits]) * RPB[bits]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_recycled_results_are_fully_overwritten(bits: int, output_cache: None) -> None:
+    """A result that reuses a dropped one's memory (filled with garbage first) holds exactly
+    the new codes/words, at a column count off the 64-column tile."""
+    rng = np.random.default_rng(200 + bits)
+    cols = 1069
+    for op in ("unpack", "pack"):
+        rows = pooled_rows(bits, cols, 1.0 if op == "unpack" else bits / 8)
+        a = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+        b = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+        pa, pb = pk.pack_columns(a, bits), pk.pack_columns(b, bits)
+
+        def run(c: npt.NDArray[np.uint8], p: npt.NDArray[np.int32], op: str = op) -> Any:
+            return pk.unpack_columns(p, bits) if op == "unpack" else pk.pack_columns(c, bits)
+
+        first = run(a, pa)
+        assert type(first.base).__name__ == "OutputBuffer" and first.nbytes >= MIN_POOLED
+        addr = first.ctypes.data
+        first.view(np.uint8).fill(0xA5)
+        del first
+        hits = pk.output_cache_info()["hits"]
+        second = run(b, pb)
+        assert second.ctypes.data == addr, "the dropped result's memory is reused"
+        assert pk.output_cache_info()["hits"] == hits + 1
+        np.testing.assert_array_equal(second, b if op == "unpack" else ref_pack(b, bits))
+        assert second.flags.writeable and second.flags.c_contiguous
+
+
+def test_recycled_dequantize_outputs_are_fully_overwritten(output_cache: None) -> None:
+    rng = np.random.default_rng(7)
+    groups = pk.exl2_layout(1024, [8, 5, 4], [0.05, 0.1, 0.85], [32, 128, 128])
+    cases = [exl2_case(rng, groups, 1069) for _ in range(2)]
+    ts = [pk.pack_exl2(c, groups, s, m, p) for c, s, m, p in cases]
+    first = ts[0].dequantize()
+    assert first.nbytes >= MIN_POOLED and type(first.base).__name__ == "OutputBuffer"
+    first.fill(np.nan)
+    del first
+    codes, scales, _, perm = cases[1]
+    want = ref_dequant_exl2(codes, groups, scales, ts[1].q_scale_max.astype(np.float32), perm)
+    np.testing.assert_array_equal(ts[1].dequantize(), want)
+
+    rows, cols, gs, bits = 1024, 1088, 128, 4  # qzeros pack along columns: cols % 8 == 0
+    gptq = []
+    for seed in (1, 2):
+        r = np.random.default_rng(seed)
+        codes = r.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+        zeros = r.integers(1, 2**bits + 1, (rows // gs, cols))
+        scales = r.uniform(0.001, 0.1, (rows // gs, cols)).astype(np.float32)
+        g_idx = pk.gptq_g_idx(rows, gs, r.permutation(rows))
+        gptq.append((pk.pack_gptq(codes, zeros, scales, g_idx, bits), codes, zeros, g_idx))
+    first = gptq[0][0].dequantize()
+    assert type(first.base).__name__ == "OutputBuffer"
+    first.fill(np.inf)
+    del first
+    t, codes, zeros, g_idx = gptq[1]
+    s = t.scales.astype(np.float32)[g_idx]
+    want = s * (codes.astype(np.float32) - zeros[g_idx].astype(np.float32))
+    np.testing.assert_array_equal(t.dequantize(), want)
+
+
+def test_live_results_and_views_are_never_recycled(output_cache: None) -> None:
+    """Memory is recycled only when no array, view or torch tensor refers to it."""
+    rng = np.random.default_rng(3)
+    rows, cols = pooled_rows(4, 1024, 1.0), 1024
+    codes = rng.integers(0, 16, (rows, cols), dtype=np.uint8)
+    packed = pk.pack_columns(codes, 4)
+    hits = pk.output_cache_info()["hits"]
+    a = pk.unpack_columns(packed, 4)
+    view = a[::3, 5:]
+    tensor = torch.from_numpy(pk.unpack_columns(packed, 4))
+    del a
+    b = pk.unpack_columns(packed, 4)
+    c = pk.unpack_columns(packed, 4)
+    for x in (b, c, tensor.numpy()):
+        assert not np.shares_memory(x, view)
+    assert not np.shares_memory(b, c) and not np.shares_memory(b, tensor.numpy())
+    np.testing.assert_array_equal(view, codes[::3, 5:])
+    np.testing.assert_array_equal(tensor.numpy(), codes)
+    assert pk.output_cache_info()["hits"] == hits
+    del view
+    d = pk.unpack_columns(packed, 4)  # the first result's memory is free now
+    assert pk.output_cache_info()["hits"] == hits + 1
+    np.testing.assert_array_equal(d, codes)
+
+
+def test_output_cache_limit_and_small_results(output_cache: None) -> None:
+    rng = np.random.default_rng(4)
+    small = pk.unpack_columns(pk.pack_columns(rng.integers(0, 4, (64, 64)), 2), 2)
+    assert type(small.base).__name__ != "OutputBuffer"  # below the threshold: plain NumPy
+    rows, cols = pooled_rows(8, 1024, 1.0), 1024
+    codes = rng.integers(0, 256, (rows, cols), dtype=np.uint8)
+    packed = pk.pack_columns(codes, 8)
+    del packed
+    info = pk.output_cache_info()
+    assert info["cached_buffers"] == 1 and info["cached_bytes"] == rows * cols
+    pk.set_output_cache(0)  # disables recycling and frees the idle memory
+    assert pk.output_cache_info()["cached_bytes"] == 0
+    packed = pk.pack_columns(codes, 8)
+    assert type(packed.base).__name__ != "OutputBuffer"
+    np.testing.assert_array_equal(pk.unpack_columns(packed, 8), codes)
+    with pytest.raises(ValueError, match="max_bytes"):
+        pk.set_output_cache(-1)
+    pk.set_output_cache(1 << 30)
+    del packed
+    pk.pack_columns(codes, 8)
+    assert pk.output_cache_info()["cached_buffers"] == 1
+    pk.clear_output_cache()
+    info = pk.output_cache_info()
+    assert (info["cached_buffers"], info["max_bytes"]) == (0, 1 << 30)

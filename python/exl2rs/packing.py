@@ -4,6 +4,12 @@ Every function accepts NumPy arrays or (CPU or GPU) torch tensors and returns Nu
 the dtypes the formats store (int32 words, int16 ``q_groups``, float16 ``q_scale_max`` and
 ``scales``). Matrices are ``[rows, cols]`` = ``[in_features, out_features]``, the orientation both
 formats use. Bad input raises :class:`exl2rs.PackError` naming the tensor and the value.
+
+Large fresh results (4 MiB and up: :func:`pack_columns`, :func:`unpack_columns` and the
+dequantizers) live in memory recycled from results of the same size that were dropped
+earlier, so a loop over same-shaped matrices does not pay the kernel's first-touch page faults
+on every call. At most 512 MiB of idle memory is kept (``EXL2RS_OUTPUT_CACHE_MB`` at import,
+or :func:`set_output_cache`); :func:`output_cache_info` shows the counters.
 """
 
 from __future__ import annotations
@@ -33,11 +39,14 @@ __all__ = [
     "PackError",
     "dequantize_exl2",
     "dequantize_gptq",
+    "clear_output_cache",
     "exl2_layout",
     "gptq_g_idx",
+    "output_cache_info",
     "pack_columns",
     "pack_exl2",
     "pack_gptq",
+    "set_output_cache",
     "unpack_columns",
     "unpack_exl2",
     "unpack_gptq",
@@ -98,8 +107,30 @@ def unpack_columns(
 
     With ``out`` (a C-contiguous, writeable uint8 NumPy array of exactly that shape) the codes
     are written into it and it is returned: reusing one buffer skips allocating and
-    first-touching a new array, which for 2/3-bit codes costs more than the unpacking."""
+    first-touching a new array, which for 2/3-bit codes costs more than the unpacking (a fresh
+    result of 4 MiB or more reuses a dropped one's memory when one of the same size is idle,
+    see :func:`output_cache_info`)."""
     return _core.unpack_columns(_i32(packed, "packed", 2), bits, out)
+
+
+def set_output_cache(max_bytes: int) -> None:
+    """Limits the idle memory kept for recycling large results, in bytes (0 disables
+    recycling and frees what is held)."""
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    _core.set_output_cache(max_bytes)
+
+
+def clear_output_cache() -> None:
+    """Frees the idle recycled memory now; the limit stays."""
+    _core.clear_output_cache()
+
+
+def output_cache_info() -> dict[str, int]:
+    """Counters of the result-recycling pool: ``cached_bytes``, ``cached_buffers``,
+    ``max_bytes``, ``hits``, ``misses`` and ``min_pooled_bytes`` (smaller results are plain
+    NumPy arrays)."""
+    return _core.output_cache_info()
 
 
 def exl2_layout(

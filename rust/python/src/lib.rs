@@ -2,6 +2,7 @@
 use pyo3::prelude::*;
 
 mod alloc;
+mod buffers;
 mod cancel;
 mod errors;
 mod measurement;
@@ -16,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     alloc::register(m)?;
     measurement::register(m)?;
     pack::register(m)?;
+    buffers::register(m)?;
     // pyo3 keeps an `__all__` of every added name; the typed facade, not this private
     // module, defines the public surface, so drop it (and keep the stub check simple).
     m.delattr("__all__")?;

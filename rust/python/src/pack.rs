@@ -16,6 +16,7 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::buffers::output2;
 use crate::errors::{to_py, PackError};
 
 /// The elements in C order, borrowed when the array is C-contiguous. (`as_slice` also accepts
@@ -151,10 +152,10 @@ fn array1<T: Element>(py: Python<'_>, v: Vec<T>) -> Bound<'_, PyArray1<T>> {
 /// Packs `[rows, cols]` codes along the rows into `[rows·bits/32, cols]` int32 words, into
 /// `out` when given (checked, filled in place and returned) or a fresh NumPy array. Codes of
 /// any integer dtype are read in place (no conversion pass; non-contiguous arrays are copied
-/// once) and range-checked inside the packer. A fresh output is allocated by NumPy (which
-/// advises huge pages for large arrays, cutting first-touch page faults) and written directly
-/// by the kernel with the GIL released. Large outputs, fresh or `out`, get streaming stores
-/// (see `exl2rs_core::pack::Stores::Auto`).
+/// once) and range-checked inside the packer. A large fresh output lives in a recycled buffer
+/// (`crate::buffers`: no first-touch page faults when a result of the same size was dropped
+/// before) and is written directly by the kernel with the GIL released. Large outputs, fresh
+/// or `out`, get streaming stores (see `exl2rs_core::pack::Stores::Auto`).
 #[pyfunction]
 #[pyo3(signature = (codes, bits, out=None))]
 fn pack_columns<'py>(
@@ -168,7 +169,7 @@ fn pack_columns<'py>(
     let qrows = core::packed_rows(rows, bits).map_err(to_py)?;
     let out = match out {
         Some(o) => out_array::<i32>(&o, [qrows, cols])?,
-        None => PyArray2::<i32>::zeros(py, [qrows, cols], false),
+        None => output2::<i32>(py, [qrows, cols])?.0,
     };
     {
         let mut rw = borrow_out(&out, "codes")?;
@@ -270,10 +271,12 @@ fn unpack_columns<'py>(
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (qrows, cols) = (packed.shape()[0], packed.shape()[1]);
     let rows = core::unpacked_rows(qrows, cols, bits).map_err(to_py)?;
-    let fresh = out.is_none();
-    let out = match out {
-        Some(o) => out_array::<u8>(&o, [rows, cols])?,
-        None => PyArray2::<u8>::zeros(py, [rows, cols], false),
+    let (out, faulting) = match out {
+        Some(o) => (out_array::<u8>(&o, [rows, cols])?, false),
+        None => {
+            let (a, resident) = output2::<u8>(py, [rows, cols])?;
+            (a, !resident)
+        }
     };
     let p = elems(&packed);
     {
@@ -281,9 +284,14 @@ fn unpack_columns<'py>(
         let dst = rw
             .as_slice_mut()
             .expect("a C-contiguous array is one slice");
-        // A fresh array's pages are first touched by the unpacker: ordinary stores are faster
-        // there; a caller's buffer gets the default (streaming when large).
-        let stores = if fresh { Stores::Cached } else { Stores::Auto };
+        // Pages first touched by the unpacker (a new mapping) take ordinary stores, which are
+        // faster there; resident memory (a caller's or a recycled buffer) gets the default,
+        // streaming when large.
+        let stores = if faulting {
+            Stores::Cached
+        } else {
+            Stores::Auto
+        };
         py.detach(|| core::unpack_columns_with(Isa::detect(), stores, &p, qrows, cols, bits, dst))
             .map_err(to_py)?;
     }
@@ -465,13 +473,13 @@ fn exl2_dequantize<'py>(
     cols: Option<usize>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let t = exl2_inputs(&q_weight, &q_scale, &q_scale_max, &q_groups, &q_invperm)?;
-    // A NumPy-allocated output (huge pages for large arrays) filled in place; a `cols` above
-    // the padded width is rejected by the core, so it never sizes the allocation.
+    // A fresh (recycled when large) output filled in place; a `cols` above the padded width
+    // is rejected by the core, so it never sizes the allocation.
     let (k, n) = (
         t.q_invperm.len(),
         cols.unwrap_or(t.cols_padded).min(t.cols_padded),
     );
-    let out = PyArray2::<f32>::zeros(py, [k, n], false);
+    let out = output2::<f32>(py, [k, n])?.0;
     {
         let mut rw = out.readwrite();
         let dst = rw
@@ -606,7 +614,7 @@ fn gptq_dequantize<'py>(
         "an int32 group index",
     )?;
     let v = gptq_view(bits, &qw, &qz, &scales, &s, &g);
-    let out = PyArray2::<f32>::zeros(py, [g.len(), v.cols], false);
+    let out = output2::<f32>(py, [g.len(), v.cols])?.0;
     {
         let mut rw = out.readwrite();
         let dst = rw
