@@ -124,14 +124,13 @@ def child(rows: int, cols: int, reps: int) -> dict[str, Any]:
             raise SystemExit(f"{bits}-bit: pack_columns(out=) disagrees with pack_columns")
         # "cold": every fresh result in new memory (recycling off), as on a first call or a
         # loop whose sizes never repeat; the default recycles dropped results of equal size.
-        pk.set_output_cache(0)
-        cold = {
-            "pack_cold_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
-            "unpack_cold_s": best_s(lambda p=packed, b=bits: pk.unpack_columns(p, b), reps),
-        }
-        pk.set_output_cache(cache_bytes)
         res[str(bits)] = {
-            **cold,
+            "pack_cold_s": cold_s(
+                pk, lambda c=codes, b=bits: pk.pack_columns(c, b), reps, cache_bytes
+            ),
+            "unpack_cold_s": cold_s(
+                pk, lambda p=packed, b=bits: pk.unpack_columns(p, b), reps, cache_bytes
+            ),
             "pack_s": best_s(lambda c=codes, b=bits: pk.pack_columns(c, b), reps),
             "pack_out_s": best_s(
                 lambda c=codes, b=bits, o=pbuf: pk.pack_columns(c, b, out=o), reps

@@ -124,7 +124,6 @@ impl BufferPool {
             if let Some(i) = g.idle.iter().rposition(|m| m.len() == len) {
                 let map = g.idle.remove(i).expect("index from rposition");
                 g.stats.cached_bytes -= len;
-                g.stats.cached_buffers -= 1;
                 g.stats.hits += 1;
                 return Ok(Buffer {
                     map,
@@ -145,7 +144,6 @@ impl BufferPool {
                 return; // dropped (unmapped) here, outside the pool
             }
             g.stats.cached_bytes += buf.len();
-            g.stats.cached_buffers += 1;
             g.idle.push_back(buf.map);
             Self::evict(&mut g)
         };
@@ -157,7 +155,6 @@ impl BufferPool {
         while g.stats.cached_bytes > g.stats.max_bytes {
             let m = g.idle.pop_front().expect("cached_bytes > 0 means a buffer");
             g.stats.cached_bytes -= m.len();
-            g.stats.cached_buffers -= 1;
             out.push(m);
         }
         out
@@ -183,14 +180,17 @@ impl BufferPool {
         let idle = {
             let mut g = self.lock();
             g.stats.cached_bytes = 0;
-            g.stats.cached_buffers = 0;
             std::mem::take(&mut g.idle)
         };
         drop(idle);
     }
 
     pub fn stats(&self) -> PoolStats {
-        self.lock().stats
+        let g = self.lock();
+        PoolStats {
+            cached_buffers: g.idle.len(),
+            ..g.stats
+        }
     }
 }
 

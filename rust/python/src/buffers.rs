@@ -46,7 +46,7 @@ impl Drop for OutputBuffer {
 /// A fresh C-ordered `[rows, cols]` array of `T` that the caller overwrites completely, and
 /// whether its memory is resident already (a recycled buffer, whose stale contents must not
 /// be read).
-pub fn output2<'py, T: Element>(
+pub fn fresh_array2<'py, T: Element>(
     py: Python<'py>,
     shape: [usize; 2],
 ) -> PyResult<(Bound<'py, PyArray2<T>>, bool)> {

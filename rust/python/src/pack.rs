@@ -16,7 +16,7 @@ use numpy::{
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::buffers::output2;
+use crate::buffers::fresh_array2;
 use crate::errors::{to_py, PackError};
 
 /// The elements in C order, borrowed when the array is C-contiguous. (`as_slice` also accepts
@@ -169,7 +169,7 @@ fn pack_columns<'py>(
     let qrows = core::packed_rows(rows, bits).map_err(to_py)?;
     let out = match out {
         Some(o) => out_array::<i32>(&o, [qrows, cols])?,
-        None => output2::<i32>(py, [qrows, cols])?.0,
+        None => fresh_array2::<i32>(py, [qrows, cols])?.0,
     };
     {
         let mut rw = borrow_out(&out, "codes")?;
@@ -274,8 +274,8 @@ fn unpack_columns<'py>(
     let (out, faulting) = match out {
         Some(o) => (out_array::<u8>(&o, [rows, cols])?, false),
         None => {
-            let (a, resident) = output2::<u8>(py, [rows, cols])?;
-            (a, !resident)
+            let (a, recycled) = fresh_array2::<u8>(py, [rows, cols])?;
+            (a, !recycled)
         }
     };
     let p = elems(&packed);
@@ -479,7 +479,7 @@ fn exl2_dequantize<'py>(
         t.q_invperm.len(),
         cols.unwrap_or(t.cols_padded).min(t.cols_padded),
     );
-    let out = output2::<f32>(py, [k, n])?.0;
+    let out = fresh_array2::<f32>(py, [k, n])?.0;
     {
         let mut rw = out.readwrite();
         let dst = rw
@@ -614,7 +614,7 @@ fn gptq_dequantize<'py>(
         "an int32 group index",
     )?;
     let v = gptq_view(bits, &qw, &qz, &scales, &s, &g);
-    let out = output2::<f32>(py, [g.len(), v.cols])?.0;
+    let out = fresh_array2::<f32>(py, [g.len(), v.cols])?.0;
     {
         let mut rw = out.readwrite();
         let dst = rw

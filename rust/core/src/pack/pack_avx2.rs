@@ -3,8 +3,8 @@
 //! its time widening and narrowing lanes and in byte-by-byte word assembly, which left
 //! fresh 5/6-bit packing at 6–10× NumPy. Wider code types keep the generic kernel.
 //!
-//! A tile is 32 (or 64) columns of one block: one (or two) `__m256i` per code row. Row `i` (bits
-//! `[i·B, i·B + B)` of each column's stream) is shifted into byte plane `k = i·B/8` (plane `k`
+//! A tile is 32 (or 64) columns of one block: one (or two) `__m256i` per code row. Row `i`
+//! (bits `[i·B, i·B + B)` of each column's stream) is shifted into byte plane `k = i·B/8` (plane `k`
 //! = byte `k` of the block's bitstream, in column order) as `v << s`, and when it straddles a
 //! byte also into plane `k + 1` as `v >> (8 − s)`, with 16-bit shifts whose bits leaked across
 //! bytes are removed by masks (an in-range code that does not straddle leaks nothing). Every
@@ -74,8 +74,8 @@ unsafe fn words(p: &[__m256i]) -> [__m256i; 4] {
 /// with a non-aliasing pitch first was slower still (measured 1.7/2.6/3.4 GB/s).
 ///
 /// # Safety
-/// `c0 + 32·V <= cols`; `blk` and `dst` hold one whole block; with `STREAM`, every `dst[wi·cols + c0]` is 32-byte aligned; AVX2
-/// must be available.
+/// `c0 + 32·V <= cols`; `blk` and `dst` hold one whole block; with `STREAM`, every
+/// `dst[wi·cols + c0]` is 32-byte aligned; AVX2 must be available.
 #[inline(always)]
 unsafe fn tile<const B: usize, const V: usize, const STREAM: bool>(
     blk: &[u8],
